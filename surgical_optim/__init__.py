@@ -1,0 +1,41 @@
+"""surgical-optim: surgical fine-tuning for PyTorch (Lee et al., ICLR 2023, arXiv 2210.11466).
+
+Public API:
+
+* ``param_groups_by_block(model)`` - the model's parameters as ordered, named param groups (blocks).
+* ``select_blocks(model, which)`` - freeze all but the chosen blocks and return their groups.
+* ``block_names(model)``, ``trainable_report(model)`` - inspection helpers.
+* ``AutoRGN(optimizer)`` - per-tensor learning rate scaled by the normalised relative gradient norm.
+* ``AutoSNR(optimizer, threshold)`` - freeze tensors whose normalised gradient SNR is below a threshold.
+* ``per_example_gradient_snr(...)`` - per-tensor gradient SNR over the examples of one batch.
+"""
+
+from ._wrapper import OptimizerWrapper
+from .auto_rgn import AutoRGN
+from .auto_snr import AutoSNR
+try:  # TEMPORARY while blocks.py is being written
+    from .blocks import (
+        TrainableReport,
+        block_names,
+        param_groups_by_block,
+        select_blocks,
+        trainable_report,
+    )
+except ImportError:  # pragma: no cover
+    pass
+from .snr import per_example_gradient_snr
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AutoRGN",
+    "AutoSNR",
+    "OptimizerWrapper",
+    "TrainableReport",
+    "block_names",
+    "param_groups_by_block",
+    "per_example_gradient_snr",
+    "select_blocks",
+    "trainable_report",
+    "__version__",
+]

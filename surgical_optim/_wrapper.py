@@ -1,0 +1,173 @@
+"""A `torch.optim.Optimizer` that wraps another optimizer.
+
+The pitfalls this base class exists to avoid are listed in shared/wrapper-notes.md; in short:
+
+* it *is* an ``Optimizer`` (schedulers, Lightning and Accelerate check ``isinstance``);
+* ``param_groups``, ``state`` and ``defaults`` are properties that read the inner optimizer, so
+  ``load_state_dict`` (which replaces the inner ``param_groups`` list) never leaves a stale copy and
+  schedulers drive the inner learning rate;
+* the hook dictionaries are initialised and ``step`` is patched exactly as ``Optimizer.__init__`` does,
+  so ``register_step_pre_hook``/``post_hook`` and the state-dict hooks fire;
+* no attribute is forwarded blindly: in particular ``_step_supports_amp_scaling`` of a fused inner
+  optimizer is *not* inherited, so ``GradScaler`` unscales gradients before our ``step`` sees them;
+* the wrapper's own state travels in the same ``state_dict`` under one extra key, and is restored by
+  the wrapper itself (``Optimizer.load_state_dict`` would cast it to the parameters' dtype).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+__all__ = ["OptimizerWrapper"]
+
+
+class OptimizerWrapper(Optimizer):
+    """Base class: owns an inner optimizer and exposes its parameter groups and state."""
+
+    #: key under which a subclass stores its own state in ``state_dict()``
+    _state_key: str = "surgical_optim"
+
+    def __init__(self, optimizer: Optimizer) -> None:
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(
+                f"{type(self).__name__} wraps a torch.optim.Optimizer instance, got "
+                f"{type(optimizer).__name__}. Build the optimizer first, e.g. "
+                f"{type(self).__name__}(torch.optim.AdamW(model.parameters(), lr=1e-3))."
+            )
+        if any("params" in g and len(g["params"]) == 0 for g in optimizer.param_groups):
+            raise ValueError("the wrapped optimizer has an empty parameter group")
+        self.optimizer = optimizer
+        # What Optimizer.__init__ sets up besides param groups (we must not re-add the groups).
+        self._optimizer_step_pre_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_step_post_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_state_dict_pre_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_state_dict_post_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks: dict[int, Callable] = OrderedDict()
+        self._warned_capturable_if_run_uncaptured = True
+        self._patch_step_function()
+
+    # ------------------------------------------------------------------ views of the inner optimizer
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.optimizer.param_groups = value
+
+    @property
+    def state(self) -> Any:  # type: ignore[override]
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self.optimizer.state = value
+
+    @property
+    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+        return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        self.optimizer.defaults = value
+
+    def params(self) -> list[torch.Tensor]:
+        """All parameters in ``param_groups`` order (the order of ``multipliers()``/``mask()``)."""
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def _named_groups(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        for index, group in enumerate(self.param_groups):
+            yield str(group.get("name", f"group{index}")), group
+
+    # ------------------------------------------------------------------ forwarding
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self.optimizer.add_param_group(param_group)
+        self._on_layout_change()
+
+    def _on_layout_change(self) -> None:
+        """Called when parameters are added or a state dict is loaded; subclasses reset caches."""
+
+    def __repr__(self) -> str:
+        inner = "\n".join("    " + line for line in repr(self.optimizer).splitlines())
+        return f"{type(self).__name__}(\n{inner}\n)"
+
+    # pickling/deepcopy: Optimizer.__getstate__ keeps only defaults/state/param_groups, which for a
+    # wrapper are properties; keep the whole instance dict instead.
+    def __getstate__(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._patch_step_function()
+
+    # ------------------------------------------------------------------ closure protocol
+    def _evaluate_closure(
+        self, closure: Callable[[], Any] | None
+    ) -> tuple[Any, Callable[[], Any] | None]:
+        """Run ``closure`` once (forward and backward) so that statistics see fresh gradients.
+
+        Returns the loss and a closure for the inner optimizer that returns this loss on its first
+        call and re-evaluates afterwards (LBFGS-style optimizers call it repeatedly).
+        """
+        if closure is None:
+            return None, None
+        with torch.enable_grad():
+            loss = closure()
+        first_call = [True]
+
+        def inner_closure() -> Any:
+            if first_call[0]:
+                first_call[0] = False
+                return loss
+            with torch.enable_grad():
+                return closure()
+
+        return loss, inner_closure
+
+    # ------------------------------------------------------------------ checkpointing
+    def _wrapper_state(self) -> dict[str, Any]:
+        return {}
+
+    def _load_wrapper_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        """The inner optimizer's state dict plus this wrapper's state under one extra key."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        state_dict = dict(self.optimizer.state_dict())
+        if self._state_key in state_dict:
+            raise RuntimeError(
+                f"{type(self).__name__} is wrapped around another {type(self).__name__}; "
+                "wrap each kind at most once"
+            )
+        state_dict[self._state_key] = self._wrapper_state()
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        """Load a dict made by ``state_dict()``; a plain inner-optimizer dict is accepted too."""
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        state_dict = dict(state_dict)
+        wrapper_state = state_dict.pop(self._state_key, None)
+        self.optimizer.load_state_dict(state_dict)
+        self._on_layout_change()
+        if wrapper_state is not None:
+            self._load_wrapper_state(wrapper_state)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)

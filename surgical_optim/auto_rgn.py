@@ -1,0 +1,329 @@
+"""Auto-RGN: a per-tensor learning rate proportional to the relative gradient norm.
+
+Lee et al. (ICLR 2023), section 5: for each tensor, ``RGN = ||g||_2 / ||theta||_2``; the multiplier is
+RGN divided by the largest RGN among the optimizer's tensors, so it lies in [0, 1]; the tensor's
+learning rate is ``base lr x multiplier``.
+
+How the multiplier is applied
+-----------------------------
+Not through ``group["lr"]`` (schedulers own it) and not by scaling the gradient (Adam is invariant to
+that). The wrapper snapshots each parameter, lets the inner optimizer take its ordinary step, then
+moves the parameter back towards the snapshot::
+
+    p <- p_old + m * (p_new - p_old)        (torch.lerp, exact at m = 0 and m = 1)
+
+For every optimizer whose update is linear in the learning rate given its state (SGD with momentum,
+Nesterov and weight decay, Adam, AdamW, RMSprop, Adagrad with ``lr_decay=0``, Lion, ...) this equals
+running the inner optimizer with learning rate ``m x lr`` for that tensor, and the optimizer state
+advances exactly as it would have. The cost is one parameter-sized snapshot buffer, allocated once
+and reused.
+
+Edge cases (chosen so that multipliers are always finite and in [0, 1])
+--------------------------------------------------------------------
+* A tensor whose weight norm is 0 (zero-initialised layers, fresh biases) has an unbounded RGN. It
+  gets multiplier 1 when its gradient is non-zero (any step is infinitely large relative to it, and
+  freezing it would stop a zero-initialised head from ever learning), and it does not take part in
+  the max, so it cannot squash every other tensor's multiplier to 0.
+* A tensor whose gradient is non-finite gets multiplier 0 and does not take part in the max; its
+  gradient's non-finite entries are replaced by 0 before the inner step, so the inner optimizer's
+  state stays finite, and the parameter is restored bit-exactly from the snapshot.
+* If every gradient is zero, every multiplier is 0 (nothing to learn from).
+* Tensors without a gradient this step are left to the inner optimizer (which skips them) and get
+  multiplier 0 in ``multipliers()`` for that step.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from ._foreach import gather_plan, per_tensor_sq_norms, statistics_dtype
+from ._wrapper import OptimizerWrapper
+
+__all__ = ["AutoRGN", "rgn_multipliers"]
+
+
+def rgn_multipliers(
+    grad_sq_norms: torch.Tensor,
+    param_sq_norms: torch.Tensor,
+    include: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Vectorised RGN with the edge cases of the module docstring.
+
+    Returns ``(rgn, zero_weight, valid)``: the relative gradient norms (0 where not ``valid``), a
+    mask of tensors with zero weight and a non-zero finite gradient, and a mask of tensors whose RGN
+    is finite and meaningful. All on the inputs' device; no host synchronisation.
+    """
+    grad_finite = torch.isfinite(grad_sq_norms)
+    weight_zero = param_sq_norms == 0
+    valid = include & grad_finite & ~weight_zero & torch.isfinite(param_sq_norms)
+    safe_weight = torch.where(valid, param_sq_norms, torch.ones_like(param_sq_norms))
+    safe_grad = torch.where(valid, grad_sq_norms, torch.zeros_like(grad_sq_norms))
+    rgn = torch.sqrt(safe_grad / safe_weight)
+    rgn = torch.where(torch.isfinite(rgn), rgn, torch.zeros_like(rgn))  # overflow of the ratio
+    zero_weight = include & grad_finite & weight_zero & (grad_sq_norms > 0)
+    return rgn, zero_weight, valid
+
+
+def normalise(rgn: torch.Tensor, zero_weight: torch.Tensor) -> torch.Tensor:
+    """Divide by the largest RGN (so the result is in [0, 1]); zero-weight tensors get 1."""
+    largest = rgn.amax() if rgn.numel() else rgn.new_zeros(())
+    # max(largest, tiny) keeps 0/0 at 0 when every gradient is zero.
+    scaled = rgn / torch.clamp(largest, min=torch.finfo(rgn.dtype).tiny)
+    scaled = torch.clamp(scaled, 0.0, 1.0)
+    return torch.where(zero_weight, torch.ones_like(scaled), scaled)
+
+
+class AutoRGN(OptimizerWrapper):
+    """Wrap any optimizer so each tensor's learning rate is ``lr x RGN / max RGN``.
+
+    Args:
+        optimizer: the inner optimizer (any ``torch.optim.Optimizer``); it keeps its state, its
+            param groups and its learning rate, which schedulers keep driving.
+        refresh_every: recompute the multipliers every N steps from the RGN averaged over those N
+            steps (the official code averages 5 batches once per epoch). 1 (default) uses each
+            step's own gradients. Before the first refresh the multipliers come from the first step.
+        exclude: a regex, or an iterable of regexes, matched (``re.search``) against parameter
+            names; matching tensors are not trained (their gradient is dropped before the inner
+            step, so neither they nor their state move) and do not take part in the max. The
+            official code excludes every name containing ``"bn"``. Needs ``model``.
+        model: the module whose ``named_parameters()`` give the names for ``exclude``.
+
+    Use ``scaler.unscale_(wrapper)`` / ``scaler.step(wrapper)`` with a GradScaler: always pass the
+    wrapper, never the inner optimizer, to the scaler.
+    """
+
+    _state_key = "surgical_optim.AutoRGN"
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        *,
+        refresh_every: int = 1,
+        exclude: str | Iterable[str] | None = None,
+        model: torch.nn.Module | None = None,
+    ) -> None:
+        super().__init__(optimizer)
+        if isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 1:
+            raise ValueError(f"refresh_every must be an integer >= 1, got {refresh_every!r}")
+        self.refresh_every = refresh_every
+        self._exclude_patterns = _compile_patterns(exclude)
+        if self._exclude_patterns and model is None:
+            raise ValueError(
+                "exclude= matches parameter names, which the optimizer does not know: pass the model "
+                "too, e.g. AutoRGN(opt, exclude='bn', model=model)"
+            )
+        if model is not None and not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self._param_names = (
+            {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
+            if model is not None
+            else {}
+        )
+        self._on_layout_change()
+
+    # ------------------------------------------------------------------ layout and buffers
+    def _on_layout_change(self) -> None:
+        params = self.params()
+        if not params:
+            raise ValueError("the wrapped optimizer has no parameters")
+        self._params_cache = params
+        self._device = params[0].device
+        self._dtype = statistics_dtype(params)
+        n = len(params)
+        self._excluded = [self._is_excluded(p) for p in params]
+        self._plans: dict = {}
+        self._snapshots: dict[int, torch.Tensor] = getattr(self, "_snapshots", {})
+        live = {id(p) for p in params}
+        self._snapshots = {k: v for k, v in self._snapshots.items() if k in live}
+        opts = {"device": self._device, "dtype": self._dtype}
+        self._multipliers = torch.zeros(n, **opts)
+        self._rgn_sum = torch.zeros(n, **opts)
+        self._zero_weight_any = torch.zeros(n, device=self._device, dtype=torch.bool)
+        self._window_steps = torch.zeros((), **opts)
+        self._initialised = torch.zeros((), device=self._device, dtype=torch.bool)
+
+    def _is_excluded(self, p: torch.Tensor) -> bool:
+        if not self._exclude_patterns:
+            return False
+        name = self._param_names.get(id(p))
+        if name is None:
+            return False
+        return any(pattern.search(name) for pattern in self._exclude_patterns)
+
+    def _snapshot_buffers(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        buffers = []
+        for p in params:
+            buffer = self._snapshots.get(id(p))
+            if buffer is None or buffer.shape != p.shape or buffer.dtype != p.dtype or buffer.device != p.device:
+                buffer = self._snapshots[id(p)] = torch.empty_like(p, memory_format=torch.preserve_format)
+            buffers.append(buffer)
+        return buffers
+
+    # ------------------------------------------------------------------ public views
+    def multipliers(self) -> torch.Tensor:
+        """Current multipliers in [0, 1], one per parameter in ``param_groups`` order (a copy)."""
+        return self._multipliers.clone()
+
+    def block_multipliers(self) -> dict[str, torch.Tensor]:
+        """Mean multiplier of each param group, keyed by the group's ``"name"`` (0-d device tensors)."""
+        out: dict[str, torch.Tensor] = {}
+        start = 0
+        for name, group in self._named_groups():
+            count = len(group["params"])
+            out[name] = self._multipliers[start : start + count].mean()
+            start += count
+        return out
+
+    def block_summary(self) -> list[dict[str, Any]]:
+        """Per group: name, tensors, mean/max multiplier, as Python numbers (syncs; not for the hot path)."""
+        rows = []
+        start = 0
+        values = self._multipliers.detach().cpu()
+        for name, group in self._named_groups():
+            count = len(group["params"])
+            chunk = values[start : start + count]
+            rows.append(
+                {
+                    "name": name,
+                    "tensors": count,
+                    "mean": float(chunk.mean()) if count else 0.0,
+                    "max": float(chunk.max()) if count else 0.0,
+                }
+            )
+            start += count
+        return rows
+
+    # ------------------------------------------------------------------ the step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        loss, inner_closure = self._evaluate_closure(closure)
+        params = self.params()
+        if len(params) != len(self._params_cache) or any(
+            a is not b for a, b in zip(params, self._params_cache)
+        ):
+            self._on_layout_change()
+
+        positions: list[int] = []
+        trained: list[torch.Tensor] = []
+        for i, p in enumerate(params):
+            if p.grad is None:
+                continue
+            if self._excluded[i]:
+                p.grad = None  # neither the weight nor its optimizer state may move
+                continue
+            positions.append(i)
+            trained.append(p)
+        if not trained:
+            self._multipliers.zero_()
+            return self.optimizer.step(inner_closure) if inner_closure is not None else self.optimizer.step()
+
+        grads = [p.grad for p in trained]
+        plan = gather_plan(self._plans, tuple(positions), trained, self._device)
+        grad_sq, param_sq = per_tensor_sq_norms(plan, [grads, trained], self._dtype)
+        self._update_multipliers(positions, grad_sq, param_sq)
+        local = self._multipliers.index_select(0, plan_index(positions, self._plans, self._device))
+
+        # Non-finite gradient entries -> 0, so the inner optimizer's state stays finite. Their
+        # tensors have multiplier 0, so the weights are restored from the snapshot below.
+        for g in grads:
+            torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
+
+        snapshots = self._snapshot_buffers(trained)
+        torch._foreach_copy_(snapshots, trained)
+        out = self.optimizer.step(inner_closure) if inner_closure is not None else self.optimizer.step()
+        # p <- lerp(p_new, p_old, 1 - m) = p_old + m (p_new - p_old); lerp is exact at weight 0 and 1.
+        self._rescale_updates(plan, trained, snapshots, 1.0 - local)
+        return loss if closure is not None else out
+
+    def _update_multipliers(
+        self, positions: list[int], grad_sq: torch.Tensor, param_sq: torch.Tensor
+    ) -> None:
+        n = self._multipliers.numel()
+        index = plan_index(positions, self._plans, self._device)
+        full_grad = torch.zeros(n, device=self._device, dtype=self._dtype).index_copy_(0, index, grad_sq)
+        full_param = torch.ones(n, device=self._device, dtype=self._dtype).index_copy_(0, index, param_sq)
+        include = torch.zeros(n, device=self._device, dtype=torch.bool).index_fill_(0, index, True)
+        rgn, zero_weight, _ = rgn_multipliers(full_grad, full_param, include)
+        self._rgn_sum.add_(rgn)
+        self._zero_weight_any.logical_or_(zero_weight)
+        self._window_steps.add_(1)
+        candidate = normalise(self._rgn_sum / self._window_steps, self._zero_weight_any)
+        window_done = self._window_steps >= self.refresh_every
+        refresh = window_done | ~self._initialised
+        # tensors without a gradient this step are not updated: report 0 for them
+        updated = torch.where(refresh, candidate, self._multipliers)
+        self._multipliers.copy_(torch.where(include, updated, torch.zeros_like(updated)))
+        self._rgn_sum.mul_(~window_done)
+        self._zero_weight_any.logical_and_(~window_done)
+        self._window_steps.mul_(~window_done)
+        self._initialised.fill_(True)
+
+    @staticmethod
+    def _rescale_updates(
+        plan: Any, params: list[torch.Tensor], snapshots: list[torch.Tensor], weights: torch.Tensor
+    ) -> None:
+        for (dev, dtype, indices), index in zip(plan.groups, plan.group_index):
+            group_params = [params[i] for i in indices]
+            group_snaps = [snapshots[i] for i in indices]
+            group_weights = weights if plan.single_group_in_order else weights.index_select(0, index)
+            # lerp wants weights of the parameters' dtype and device
+            group_weights = group_weights.to(device=dev, dtype=dtype, non_blocking=True)
+            torch._foreach_lerp_(group_params, group_snaps, list(group_weights.unbind(0)))
+
+    # ------------------------------------------------------------------ checkpointing
+    def _wrapper_state(self) -> dict[str, Any]:
+        return {
+            "refresh_every": self.refresh_every,
+            "multipliers": self._multipliers.clone(),
+            "rgn_sum": self._rgn_sum.clone(),
+            "zero_weight_any": self._zero_weight_any.clone(),
+            "window_steps": self._window_steps.clone(),
+            "initialised": self._initialised.clone(),
+        }
+
+    def _load_wrapper_state(self, state: dict[str, Any]) -> None:
+        for key in ("multipliers", "rgn_sum", "zero_weight_any", "window_steps", "initialised"):
+            target = getattr(self, "_" + key)
+            value = state[key]
+            if value.shape != target.shape:
+                raise ValueError(
+                    f"AutoRGN state has {value.numel()} entries for {key!r} but the optimizer has "
+                    f"{target.numel()} parameters: the checkpoint belongs to a different model"
+                )
+            target.copy_(value.to(device=target.device, dtype=target.dtype))
+
+
+def plan_index(positions: list[int], cache: dict, device: torch.device) -> torch.Tensor:
+    """Cached long tensor of ``positions`` on ``device`` (no host->device copy in steady state)."""
+    key = ("index", tuple(positions))
+    index = cache.get(key)
+    if index is None:
+        index = cache[key] = torch.tensor(positions, dtype=torch.long, device=device)
+    return index
+
+
+def _compile_patterns(exclude: str | Iterable[str] | None) -> list[re.Pattern[str]]:
+    if exclude is None:
+        return []
+    if isinstance(exclude, str):
+        exclude = [exclude]
+    try:
+        patterns = list(exclude)
+    except TypeError:
+        raise TypeError(
+            f"exclude must be a regex string or an iterable of them, got {type(exclude).__name__}"
+        ) from None
+    compiled = []
+    for pattern in patterns:
+        if not isinstance(pattern, str):
+            raise TypeError(f"exclude patterns must be strings, got {type(pattern).__name__}")
+        try:
+            compiled.append(re.compile(pattern))
+        except re.error as error:
+            raise ValueError(f"exclude pattern {pattern!r} is not a valid regex: {error}") from None
+    return compiled

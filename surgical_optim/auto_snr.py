@@ -1,0 +1,354 @@
+"""Auto-SNR: freeze the tensors whose gradient signal-to-noise ratio is low.
+
+Lee et al. (ICLR 2023), section 5: per tensor, a gradient SNR normalised across tensors to [0, 1];
+tensors strictly below ``threshold`` are frozen. ``threshold=0`` freezes nothing, and the wrapper is
+then exactly the bare optimizer.
+
+Where the gradient samples come from
+------------------------------------
+* ``estimator="samples"`` (default): the mini-batch gradients of the first ``samples`` steps of the
+  ordinary training loop (free: no extra forward or backward). Those steps train every tensor.
+  At the end of step ``samples`` the mask is computed on the device.
+* ``AutoSNR.calibrate(model, loss_fn, inputs, targets)``: per-example gradients of one calibration
+  batch (``torch.func``), before training starts; no free sampling afterwards.
+* ``estimator="official_eb"``: the official code's "eb-criterion", for faithful reproduction only
+  (see ``surgical_optim.snr``); ``threshold`` is then compared with the raw, un-normalised value.
+* ``refresh_every=N`` re-estimates every N steps from the first ``samples`` steps of each period
+  (the official code re-estimates every epoch); the previous mask stays in force meanwhile.
+
+How freezing works
+------------------
+A frozen tensor's gradient is set to ``None`` before the inner step, so the weight does not move
+and its optimizer state does not advance (no weight-decay drift, no momentum). Every parameter stays
+in the inner optimizer, so the state_dict layout never changes. Deciding which gradients to drop
+needs the mask on the host: it is copied once per estimation (``n`` booleans, issued without
+blocking when the estimate is made and read at the next step), never per step.
+``freeze_requires_grad()`` additionally sets ``requires_grad_(False)`` on frozen tensors for the
+compute saving; call it between phases only (it breaks DDP's bucket layout and re-estimation).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from ._foreach import statistics_dtype
+from ._wrapper import OptimizerWrapper
+from .snr import DEFAULT_EPS, normalise_snr, official_eb_criterion, per_example_gradient_snr, snr_from_moments
+
+__all__ = ["AutoSNR"]
+
+_ESTIMATORS = ("samples", "official_eb")
+
+
+class AutoSNR(OptimizerWrapper):
+    """Wrap any optimizer and freeze tensors whose normalised gradient SNR is below ``threshold``.
+
+    Args:
+        optimizer: the inner optimizer (any ``torch.optim.Optimizer``).
+        threshold: in [0, 1]; tensors with normalised SNR strictly below it are frozen. For
+            ``estimator="official_eb"`` it is compared with the raw statistic (the code used 0.95).
+        samples: number of gradient samples (steps) per estimate; at least 2 (default 5, as the code).
+        estimator: ``"samples"`` (default) or ``"official_eb"``.
+        refresh_every: re-estimate every N steps (N >= samples); None (default) estimates once.
+        eps: relative variance floor of the sample estimator (caps an element's SNR at 1/eps).
+    """
+
+    _state_key = "surgical_optim.AutoSNR"
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        threshold: float = 0.5,
+        *,
+        samples: int = 5,
+        estimator: str = "samples",
+        refresh_every: int | None = None,
+        eps: float = DEFAULT_EPS,
+    ) -> None:
+        super().__init__(optimizer)
+        if estimator not in _ESTIMATORS:
+            raise ValueError(f"unknown estimator {estimator!r}; choose one of {', '.join(_ESTIMATORS)}")
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
+            raise TypeError(f"threshold must be a number in [0, 1], got {threshold!r}")
+        if estimator == "samples" and not 0.0 <= threshold <= 1.0:
+            raise ValueError(
+                f"threshold must be in [0, 1] (it is compared with the SNR normalised to [0, 1]), got "
+                f"{threshold}; 0 freezes nothing, 1 keeps only the highest-SNR tensor"
+            )
+        if estimator == "official_eb" and threshold < 0:
+            raise ValueError(f"threshold must be >= 0 for the official_eb estimator, got {threshold}")
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 2:
+            raise ValueError(f"samples must be an integer >= 2 (a variance needs two samples), got {samples!r}")
+        if refresh_every is not None and (
+            isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < samples
+        ):
+            raise ValueError(
+                f"refresh_every must be None or an integer >= samples ({samples}), got {refresh_every!r}"
+            )
+        if not (isinstance(eps, (int, float)) and eps > 0):
+            raise ValueError(f"eps must be a positive number, got {eps!r}")
+        self.threshold = float(threshold)
+        self.samples = samples
+        self.estimator = estimator
+        self.refresh_every = refresh_every
+        self.eps = float(eps)
+        self._step_count = 0
+        self._calibrated_externally = False
+        self._on_layout_change()
+
+    # ------------------------------------------------------------------ layout and state
+    def _on_layout_change(self) -> None:
+        params = self.params()
+        if not params:
+            raise ValueError("the wrapped optimizer has no parameters")
+        self._params_cache = params
+        self._device = params[0].device
+        self._dtype = statistics_dtype(params)
+        n = len(params)
+        opts = {"device": self._device, "dtype": self._dtype}
+        self._raw_snr = torch.zeros(n, **opts)
+        self._mask = torch.ones(n, **opts)
+        self._host_mask: list[bool] | None = None  # None: nothing frozen yet
+        self._pending_mask: _HostCopy | None = None
+        self._reset_accumulators()
+
+    def _reset_accumulators(self) -> None:
+        n = len(self._params_cache)
+        self._sums: list[torch.Tensor | None] = [None] * n
+        self._squares: list[torch.Tensor | None] = [None] * n
+        self._counts = [0] * n
+        self._eb_sum = torch.zeros(n, device=self._device, dtype=self._dtype)
+        self._collected = 0
+
+    # ------------------------------------------------------------------ public views
+    def mask(self) -> torch.Tensor:
+        """1 = trained, 0 = frozen, one entry per parameter in ``param_groups`` order (a copy)."""
+        return self._mask.clone()
+
+    def snr(self) -> torch.Tensor:
+        """The SNR the mask is based on: normalised to [0, 1] (raw for ``official_eb``)."""
+        if self.estimator == "official_eb" and not self._calibrated_externally:
+            return self._raw_snr.clone()
+        return normalise_snr(self._raw_snr)
+
+    def raw_snr(self) -> torch.Tensor:
+        """Un-normalised per-tensor SNR of the last estimate (0 before any estimate)."""
+        return self._raw_snr.clone()
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether a mask has been estimated (it may still be waiting to be applied)."""
+        return self._host_mask is not None or self._pending_mask is not None
+
+    def frozen_fraction(self) -> float:
+        """Fraction of parameters (elements) frozen by the current mask (syncs; not for the hot path)."""
+        params = self.params()
+        mask = self._mask.detach().cpu()
+        total = sum(p.numel() for p in params)
+        frozen = sum(p.numel() for p, m in zip(params, mask) if m == 0)
+        return frozen / total if total else 0.0
+
+    # ------------------------------------------------------------------ estimation
+    def _collecting(self) -> bool:
+        if self._calibrated_externally:
+            return False
+        if self.refresh_every is None:
+            return self._step_count < self.samples
+        return self._step_count % self.refresh_every < self.samples
+
+    def _collect(self, params: list[torch.Tensor]) -> None:
+        present = [(i, p.grad) for i, p in enumerate(params) if p.grad is not None]
+        if self.estimator == "official_eb":
+            if present:
+                index, grads = zip(*present)
+                values = torch.stack([official_eb_criterion(g).to(self._device, self._dtype) for g in grads])
+                self._eb_sum.index_add_(0, torch.tensor(index, device=self._device), values)
+                for i in index:
+                    self._counts[i] += 1
+            return
+        targets_sum, targets_sq, sources = [], [], []
+        for i, g in present:
+            if self._sums[i] is None:
+                dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
+                self._sums[i] = torch.zeros_like(g, dtype=dtype)
+                self._squares[i] = torch.zeros_like(g, dtype=dtype)
+            targets_sum.append(self._sums[i])
+            targets_sq.append(self._squares[i])
+            sources.append(g if g.dtype == self._sums[i].dtype else g.to(self._sums[i].dtype))
+            self._counts[i] += 1
+        if sources:
+            torch._foreach_add_(targets_sum, sources)
+            torch._foreach_addcmul_(targets_sq, sources, sources)
+
+    def _finish_estimate(self) -> None:
+        if self.estimator == "official_eb":
+            counts = torch.tensor([max(c, 1) for c in self._counts], device=self._device, dtype=self._dtype)
+            raw = torch.where(
+                torch.tensor([c > 0 for c in self._counts], device=self._device), self._eb_sum / counts,
+                torch.full_like(self._eb_sum, float("nan")),
+            )
+            self._raw_snr.copy_(raw)
+            keep = ~(raw < self.threshold)  # NaN is kept, as the code's `v < 0.95` test does
+        else:
+            zero = torch.zeros((), device=self._device)
+            sums = [s if s is not None else zero for s in self._sums]
+            squares = [s if s is not None else zero for s in self._squares]
+            raw = snr_from_moments(sums, squares, self._counts, eps=self.eps).to(self._dtype)
+            self._raw_snr.copy_(raw)
+            keep = normalise_snr(raw) >= self.threshold
+        self._mask.copy_(keep.to(self._dtype))
+        self._pending_mask = _HostCopy(keep)
+        self._reset_accumulators()
+
+    @torch.no_grad()
+    def calibrate(
+        self,
+        model: torch.nn.Module,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        *,
+        chunk_size: int | None = None,
+    ) -> torch.Tensor:
+        """Estimate the mask now from per-example gradients of one batch (before training).
+
+        Every optimizer parameter must belong to ``model``. Disables the free sampling of the first
+        steps. Returns the mask. May synchronise (it is not the hot path).
+        """
+        if self.estimator != "samples":
+            raise ValueError("calibrate() estimates SNR over examples; it needs estimator='samples'")
+        params = self.params()
+        with torch.enable_grad():
+            raw = per_example_gradient_snr(
+                model, loss_fn, inputs, targets, params, eps=self.eps, chunk_size=chunk_size
+            )
+        self._raw_snr.copy_(raw.to(self._raw_snr))
+        keep = normalise_snr(self._raw_snr) >= self.threshold
+        self._mask.copy_(keep.to(self._dtype))
+        self._host_mask = [bool(v) for v in keep.cpu()]
+        self._pending_mask = None
+        self._calibrated_externally = True
+        self._reset_accumulators()
+        return self.mask()
+
+    @torch.no_grad()
+    def freeze_requires_grad(self) -> int:
+        """Set ``requires_grad_(False)`` on frozen tensors (saves their backward). Returns how many.
+
+        Call between phases only: afterwards those tensors get no gradients, so re-estimation and
+        DDP's gradient buckets no longer see them.
+        """
+        keep = self._materialised_host_mask()
+        count = 0
+        for p, k in zip(self.params(), keep or []):
+            if not k and p.requires_grad:
+                p.requires_grad_(False)
+                p.grad = None
+                count += 1
+        return count
+
+    def _materialised_host_mask(self) -> list[bool] | None:
+        if self._pending_mask is not None:
+            self._host_mask = self._pending_mask.result()
+            self._pending_mask = None
+        return self._host_mask
+
+    # ------------------------------------------------------------------ the step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        loss, inner_closure = self._evaluate_closure(closure)
+        params = self.params()
+        if len(params) != len(self._params_cache) or any(a is not b for a, b in zip(params, self._params_cache)):
+            self._on_layout_change()
+        # A mask estimated at the previous step takes effect now.
+        keep = self._materialised_host_mask()
+        collecting = self._collecting()
+        if collecting:
+            self._collect(params)
+        if keep is not None:
+            for p, k in zip(params, keep):
+                if not k:
+                    p.grad = None  # neither the weight nor its optimizer state may move
+        out = self.optimizer.step(inner_closure) if inner_closure is not None else self.optimizer.step()
+        self._step_count += 1
+        if collecting and not self._collecting():
+            self._finish_estimate()
+        return loss if closure is not None else out
+
+    # ------------------------------------------------------------------ checkpointing
+    def _wrapper_state(self) -> dict[str, Any]:
+        # the host mask is materialised so a resumed run applies the same mask at the same step
+        keep = self._host_mask
+        pending = self._pending_mask.result() if self._pending_mask is not None else None
+        return {
+            "step_count": self._step_count,
+            "calibrated_externally": self._calibrated_externally,
+            "raw_snr": self._raw_snr.clone(),
+            "mask": self._mask.clone(),
+            "host_mask": None if keep is None else list(keep),
+            "pending_mask": pending,
+            "sums": [None if s is None else s.clone() for s in self._sums],
+            "squares": [None if s is None else s.clone() for s in self._squares],
+            "counts": list(self._counts),
+            "eb_sum": self._eb_sum.clone(),
+        }
+
+    def _load_wrapper_state(self, state: dict[str, Any]) -> None:
+        n = len(self._params_cache)
+        if state["mask"].numel() != n:
+            raise ValueError(
+                f"AutoSNR state has {state['mask'].numel()} entries but the optimizer has {n} "
+                "parameters: the checkpoint belongs to a different model"
+            )
+        self._step_count = int(state["step_count"])
+        self._calibrated_externally = bool(state["calibrated_externally"])
+        self._raw_snr.copy_(state["raw_snr"].to(self._raw_snr))
+        self._mask.copy_(state["mask"].to(self._mask))
+        self._host_mask = None if state["host_mask"] is None else list(state["host_mask"])
+        self._pending_mask = None if state["pending_mask"] is None else _HostCopy.ready(state["pending_mask"])
+        params = self._params_cache
+        self._sums = [None if s is None else s.to(p.device) for s, p in zip(state["sums"], params)]
+        self._squares = [None if s is None else s.to(p.device) for s, p in zip(state["squares"], params)]
+        self._counts = list(state["counts"])
+        self._eb_sum.copy_(state["eb_sum"].to(self._eb_sum))
+        self._collected = 0
+
+
+class _HostCopy:
+    """A device bool vector copied to the host without blocking; read it later with ``result()``.
+
+    On CUDA the copy goes to pinned memory and an event marks its completion; by the next step it has
+    long finished, so waiting on the event costs nothing. On the CPU it is a plain copy.
+    """
+
+    def __init__(self, values: torch.Tensor | None) -> None:
+        self._event = None
+        self._ready: list[bool] | None = None
+        if values is None:
+            return
+        if values.device.type == "cuda":
+            self._host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            self._host.copy_(values, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = values.to("cpu", copy=True)
+
+    @classmethod
+    def ready(cls, values: list[bool]) -> _HostCopy:
+        copy = cls(None)
+        copy._ready = list(values)
+        return copy
+
+    def result(self) -> list[bool]:
+        if self._ready is None:
+            if self._event is not None:
+                self._event.synchronize()
+            # numpy() of a host tensor: no device involved any more
+            self._ready = [bool(v) for v in self._host.numpy()]
+        return list(self._ready)
