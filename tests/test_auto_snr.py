@@ -1,0 +1,278 @@
+"""AutoSNR against a slow reference; freezing semantics; estimators."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from surgical_optim import AutoRGN, AutoSNR, per_example_gradient_snr
+from surgical_optim.auto_snr_reference import ReferenceAutoSNR, reference_tensor_snr
+from surgical_optim.snr import official_eb_criterion
+
+
+def make_model(seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)
+    ).to(dtype)
+
+
+def batches(n: int, seed: int = 1, dtype: torch.dtype = torch.float64, size: int = 16):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(size, 6, generator=g, dtype=dtype), torch.randint(0, 3, (size,), generator=g)) for _ in range(n)]
+
+
+def backward(model, x, y):
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.05, 0.3, 0.7, 1.0])
+@pytest.mark.parametrize("inner", ["adamw", "sgd"])
+def test_matches_reference(threshold, inner):
+    make = (
+        (lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1))
+        if inner == "adamw"
+        else (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-2))
+    )
+    fast_model, ref_model = make_model(), make_model()
+    fast = AutoSNR(make(fast_model.parameters()), threshold=threshold, samples=4)
+    ref = ReferenceAutoSNR(make(ref_model.parameters()), threshold=threshold, samples=4)
+    for step, (x, y) in enumerate(batches(9)):
+        fast.zero_grad()
+        backward(fast_model, x, y)
+        fast.step()
+        ref.optimizer.zero_grad()
+        backward(ref_model, x, y)
+        ref.step()
+        for a, b in zip(fast_model.parameters(), ref_model.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+        if step >= 3:
+            torch.testing.assert_close(fast.snr(), torch.tensor(ref.normalised, dtype=torch.float64), rtol=1e-9, atol=1e-12)
+            assert fast.mask().tolist() == [float(k) for k in ref.keep]
+
+
+def test_threshold_zero_is_the_bare_optimizer():
+    wrapped_model, bare_model = make_model(dtype=torch.float32), make_model(dtype=torch.float32)
+    wrapped = AutoSNR(torch.optim.AdamW(wrapped_model.parameters(), lr=1e-2, weight_decay=0.1), threshold=0.0, samples=2)
+    bare = torch.optim.AdamW(bare_model.parameters(), lr=1e-2, weight_decay=0.1)
+    for x, y in batches(6, dtype=torch.float32):
+        for model, opt in ((wrapped_model, wrapped), (bare_model, bare)):
+            opt.zero_grad()
+            backward(model, x, y)
+            opt.step()
+    for a, b in zip(wrapped_model.parameters(), bare_model.parameters()):
+        assert torch.equal(a, b)
+    assert torch.equal(wrapped.mask(), torch.ones(6))
+
+
+def test_frozen_tensors_do_not_move_and_state_does_not_advance():
+    model = make_model(dtype=torch.float32)
+    opt = AutoSNR(torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.5), threshold=1.0, samples=3)
+    data = batches(8, dtype=torch.float32)
+    for x, y in data[:3]:
+        opt.zero_grad()
+        backward(model, x, y)
+        opt.step()
+    mask = opt.mask()
+    assert mask.sum() == 1  # threshold 1 keeps only the highest-SNR tensor
+    params = list(model.parameters())
+    frozen = [p for p, m in zip(params, mask) if m == 0]
+    weights = [p.detach().clone() for p in frozen]
+    steps = [opt.state[p]["step"].clone() for p in frozen]
+    averages = [opt.state[p]["exp_avg"].clone() for p in frozen]
+    for x, y in data[3:]:
+        opt.zero_grad()
+        backward(model, x, y)
+        opt.step()
+    for p, w, s, a in zip(frozen, weights, steps, averages):
+        assert torch.equal(p.detach(), w)  # no weight-decay drift
+        assert torch.equal(opt.state[p]["step"], s)
+        assert torch.equal(opt.state[p]["exp_avg"], a)
+    assert len(opt.state_dict()["state"]) == len(params)  # every parameter stays in the optimizer
+
+
+def test_samples_estimator_matches_loop_reference_per_tensor():
+    torch.manual_seed(0)
+    samples = [torch.randn(4, 3, dtype=torch.float64) + 0.5 for _ in range(6)]
+    total = sum(samples)
+    squares = sum(s * s for s in samples)
+    from surgical_optim.snr import snr_from_moments
+
+    fast = snr_from_moments([total], [squares], [6])
+    assert fast.item() == pytest.approx(reference_tensor_snr(samples), rel=1e-10)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    st.integers(2, 6),
+    st.lists(st.integers(1, 5), min_size=1, max_size=5),
+    st.integers(0, 2**16),
+    st.floats(0.0, 1.0),
+)
+def test_property_snr_normalised_and_mask_consistent(samples, sizes, seed, threshold):
+    torch.manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(n)) for n in sizes]
+    opt = AutoSNR(torch.optim.SGD(params, lr=0.01), threshold=threshold, samples=samples)
+    for _ in range(samples + 1):
+        for p in params:
+            # some tensors: pure noise, some: constant signal, some: exactly zero
+            kind = p.numel() % 3
+            p.grad = torch.randn_like(p) if kind == 0 else (torch.ones_like(p) + 0.1 * torch.randn_like(p) if kind == 1 else torch.zeros_like(p))
+        opt.step()
+    snr = opt.snr()
+    assert torch.isfinite(snr).all() and (snr >= 0).all() and (snr <= 1).all()
+    assert torch.equal(opt.mask(), (snr >= threshold).float())
+    if threshold == 0:
+        assert opt.mask().all()
+
+
+def test_signal_tensor_kept_noise_tensor_frozen():
+    torch.manual_seed(0)
+    signal = torch.nn.Parameter(torch.zeros(50))
+    noise = torch.nn.Parameter(torch.zeros(50))
+    opt = AutoSNR(torch.optim.SGD([signal, noise], lr=0.0), threshold=0.5, samples=8)
+    for _ in range(8):
+        signal.grad = 1.0 + 0.1 * torch.randn(50)
+        noise.grad = torch.randn(50)
+        opt.step()
+    assert opt.mask().tolist() == [1.0, 0.0]
+    # independent of gradient scale
+    raw = opt.raw_snr()
+    opt2 = AutoSNR(torch.optim.SGD([signal, noise], lr=0.0), threshold=0.5, samples=8)
+    torch.manual_seed(0)
+    for _ in range(8):
+        signal.grad = 1e-6 * (1.0 + 0.1 * torch.randn(50))
+        noise.grad = 1e-6 * torch.randn(50)
+        opt2.step()
+    torch.testing.assert_close(opt2.raw_snr(), raw, rtol=1e-3, atol=0)
+
+
+def test_mask_applies_from_the_step_after_estimation():
+    p = torch.nn.Parameter(torch.zeros(10))
+    q = torch.nn.Parameter(torch.zeros(10))
+    opt = AutoSNR(torch.optim.SGD([p, q], lr=1.0), threshold=0.5, samples=2)
+    for step in range(4):
+        p.grad = torch.ones(10) + 0.01 * torch.randn(10)
+        q.grad = torch.randn(10)
+        q_before = q.detach().clone()
+        opt.step()
+        moved = not torch.equal(q.detach(), q_before)
+        assert moved == (step < 2), step  # steps 0 and 1 collect and train everything
+
+
+def test_refresh_every_reestimates():
+    p = torch.nn.Parameter(torch.zeros(20))
+    q = torch.nn.Parameter(torch.zeros(20))
+    opt = AutoSNR(torch.optim.SGD([p, q], lr=0.0), threshold=0.5, samples=3, refresh_every=5)
+    masks = []
+    for step in range(10):
+        if step < 5:
+            p.grad, q.grad = torch.ones(20) + 0.01 * torch.randn(20), torch.randn(20)
+        else:
+            p.grad, q.grad = torch.randn(20), torch.ones(20) + 0.01 * torch.randn(20)
+        opt.step()
+        masks.append(opt.mask().tolist())
+    assert masks[2] == [1.0, 0.0]
+    assert masks[7] == [0.0, 1.0]
+
+
+def test_official_eb_criterion_matches_the_code_formula():
+    torch.manual_seed(0)
+    g = torch.randn(5, 4)
+    expected = (g * g / (torch.var(g, dim=0, keepdim=True) + 1e-8)).mean()
+    torch.testing.assert_close(official_eb_criterion(g), expected)
+    assert torch.isnan(official_eb_criterion(torch.randn(1, 3)))
+
+
+def test_official_eb_estimator_raw_threshold_and_nan_kept():
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(4, 3))
+    scalar_like = torch.nn.Parameter(torch.randn(1, 3))  # first axis of length 1: NaN, kept as in the code
+    opt = AutoSNR(torch.optim.SGD([w, scalar_like], lr=0.0), threshold=0.95, estimator="official_eb", samples=5)
+    values = []
+    for _ in range(5):
+        w.grad, scalar_like.grad = torch.randn(4, 3), torch.randn(1, 3)
+        values.append(official_eb_criterion(w.grad))
+        opt.step()
+    raw = opt.snr()
+    torch.testing.assert_close(raw[0], torch.stack(values).mean())
+    assert torch.isnan(raw[1])
+    assert opt.mask()[1] == 1
+    assert opt.mask()[0] == float(raw[0] >= 0.95)
+
+
+def test_per_example_snr_matches_explicit_loop():
+    model = make_model()
+    model.eval()
+    x, y = batches(1, size=10)[0]
+    loss_fn = torch.nn.functional.cross_entropy
+    fast = per_example_gradient_snr(model, loss_fn, x, y)
+    per_example = []
+    for i in range(10):
+        model.zero_grad()
+        loss_fn(model(x[i : i + 1]), y[i : i + 1]).backward()
+        per_example.append([p.grad.clone() for p in model.parameters()])
+    expected = [reference_tensor_snr([pe[k] for pe in per_example]) for k in range(len(per_example[0]))]
+    torch.testing.assert_close(fast, torch.tensor(expected, dtype=fast.dtype), rtol=1e-8, atol=1e-12)
+
+
+def test_calibrate_sets_the_mask_before_training():
+    model = make_model(dtype=torch.float32)
+    model.eval()
+    opt = AutoSNR(torch.optim.AdamW(model.parameters(), lr=1e-2), threshold=0.6)
+    x, y = batches(1, dtype=torch.float32, size=32)[0]
+    mask = opt.calibrate(model, torch.nn.functional.cross_entropy, x, y)
+    assert 0 < mask.sum() < len(mask)
+    frozen = [p for p, m in zip(model.parameters(), mask) if m == 0]
+    before = [p.detach().clone() for p in frozen]
+    opt.zero_grad()
+    backward(model, x, y)
+    opt.step()  # the first step already freezes
+    assert all(torch.equal(p, b) for p, b in zip(frozen, before))
+
+
+def test_calibrate_requires_eval_batchnorm_and_model_params():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    opt = AutoSNR(torch.optim.SGD(model.parameters(), lr=0.1), threshold=0.5)
+    x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+    with pytest.raises(ValueError, match="model.eval"):
+        opt.calibrate(model, torch.nn.functional.cross_entropy, x, y)
+    model.eval()
+    other = AutoSNR(torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1), threshold=0.5)
+    with pytest.raises(ValueError, match="do not belong to the model"):
+        other.calibrate(model, torch.nn.functional.cross_entropy, x, y)
+
+
+def test_freeze_requires_grad_between_phases():
+    model = make_model(dtype=torch.float32)
+    opt = AutoSNR(torch.optim.SGD(model.parameters(), lr=0.1), threshold=1.0, samples=2)
+    for x, y in batches(2, dtype=torch.float32):
+        opt.zero_grad()
+        backward(model, x, y)
+        opt.step()
+    count = opt.freeze_requires_grad()
+    assert count == len(list(model.parameters())) - 1
+    assert sum(p.requires_grad for p in model.parameters()) == 1
+
+
+def test_composes_around_auto_rgn():
+    model = make_model(dtype=torch.float32)
+    inner = AutoRGN(torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1))
+    opt = AutoSNR(inner, threshold=0.8, samples=2)
+    data = batches(5, dtype=torch.float32)
+    for x, y in data[:2]:
+        opt.zero_grad()
+        backward(model, x, y)
+        opt.step()
+    frozen = [i for i, m in enumerate(opt.mask()) if m == 0]
+    assert frozen
+    opt.zero_grad()
+    backward(model, *data[2])
+    opt.step()
+    m = inner.multipliers()
+    assert all(m[i] == 0 for i in frozen)  # frozen tensors reach AutoRGN without gradient
+    assert m.max() == 1
+    sd = opt.state_dict()
+    assert "surgical_optim.AutoRGN" in sd and "surgical_optim.AutoSNR" in sd
