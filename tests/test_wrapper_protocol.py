@@ -1,0 +1,295 @@
+"""Both wrappers as torch optimizers: schedulers, checkpoints, hooks, closures, no host sync, errors."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+
+from surgical_optim import AutoRGN, AutoSNR
+
+WRAPPERS = {
+    "rgn": lambda opt: AutoRGN(opt),
+    "rgn_window": lambda opt: AutoRGN(opt, refresh_every=3),
+    "snr": lambda opt: AutoSNR(opt, threshold=0.4, samples=3),
+    "snr_refresh": lambda opt: AutoSNR(opt, threshold=0.4, samples=2, refresh_every=4),
+    "snr_official": lambda opt: AutoSNR(opt, threshold=0.95, estimator="official_eb", samples=2),
+    "snr_of_rgn": lambda opt: AutoSNR(AutoRGN(opt), threshold=0.4, samples=3),
+}
+
+
+def make_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.ReLU(), torch.nn.Linear(7, 7), torch.nn.ReLU(), torch.nn.Linear(7, 3))
+
+
+def data(n: int, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(12, 5, generator=g), torch.randint(0, 3, (12,), generator=g)) for _ in range(n)]
+
+
+def train_step(model, opt, x, y, scheduler=None):
+    opt.zero_grad()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    if scheduler is not None:
+        scheduler.step()
+
+
+@pytest.mark.parametrize("kind", sorted(WRAPPERS))
+def test_is_an_optimizer_and_scheduler_drives_inner_lr(kind):
+    model = make_model()
+    inner = torch.optim.AdamW(model.parameters(), lr=0.1)
+    opt = WRAPPERS[kind](inner)
+    assert isinstance(opt, torch.optim.Optimizer)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5**step)
+    for x, y in data(3):
+        train_step(model, opt, x, y, scheduler)
+    assert opt.param_groups is inner.param_groups or opt.param_groups is inner.optimizer.param_groups
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**3)
+    assert scheduler.get_last_lr() == [pytest.approx(0.1 * 0.5**3)]
+
+
+def test_one_cycle_and_plateau_schedulers_accept_wrapper():
+    model = make_model()
+    opt = AutoRGN(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    one_cycle = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1.0, total_steps=10)
+    for x, y in data(4):
+        train_step(model, opt, x, y, one_cycle)
+    assert opt.param_groups[0]["lr"] != 0.1
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(AutoSNR(torch.optim.SGD(model.parameters(), lr=0.1)), patience=0)
+    plateau.step(1.0)
+    plateau.step(2.0)
+    assert plateau.optimizer.param_groups[0]["lr"] == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("kind", sorted(WRAPPERS))
+def test_state_dict_lockstep_resume_is_bit_identical(kind):
+    """Prime, checkpoint (through torch.save), load into a fresh copy, step both, compare exactly."""
+    batches = data(12)
+    model_a = make_model()
+    opt_a = WRAPPERS[kind](torch.optim.AdamW(model_a.parameters(), lr=0.05, weight_decay=0.1))
+    for x, y in batches[:5]:  # stop mid-window / mid-collection on purpose
+        train_step(model_a, opt_a, x, y)
+    buffer = io.BytesIO()
+    torch.save({"model": model_a.state_dict(), "opt": opt_a.state_dict()}, buffer)
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=True)
+
+    model_b = make_model(seed=123)
+    model_b.load_state_dict(checkpoint["model"])
+    opt_b = WRAPPERS[kind](torch.optim.AdamW(model_b.parameters(), lr=0.05, weight_decay=0.1))
+    opt_b.load_state_dict(checkpoint["opt"])
+    for x, y in batches[5:]:
+        train_step(model_a, opt_a, x, y)
+        train_step(model_b, opt_b, x, y)
+        for a, b in zip(model_a.parameters(), model_b.parameters()):
+            assert torch.equal(a, b)
+    for view in ("multipliers", "mask"):
+        if hasattr(opt_a, view):
+            assert torch.equal(getattr(opt_a, view)(), getattr(opt_b, view)())
+
+
+def test_load_rejects_checkpoint_of_another_model():
+    opt = AutoRGN(torch.optim.SGD(make_model().parameters(), lr=0.1))
+    other = AutoRGN(torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1))
+    with pytest.raises(ValueError):
+        other.load_state_dict(opt.state_dict())
+
+
+def test_plain_inner_state_dict_is_accepted():
+    model = make_model()
+    bare = torch.optim.Adam(model.parameters(), lr=0.1)
+    for x, y in data(2):
+        train_step(model, bare, x, y)
+    opt = AutoRGN(torch.optim.Adam(model.parameters(), lr=0.1))
+    opt.load_state_dict(bare.state_dict())  # resuming a run that started without the wrapper
+    assert torch.equal(opt.state[next(model.parameters())]["exp_avg"], bare.state[next(model.parameters())]["exp_avg"])
+
+
+@pytest.mark.parametrize("kind", ["rgn", "snr"])
+def test_step_and_state_dict_hooks_fire(kind):
+    model = make_model()
+    opt = WRAPPERS[kind](torch.optim.SGD(model.parameters(), lr=0.1))
+    calls = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: calls.append(("pre", o)))
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append(("post", o)))
+    opt.register_state_dict_post_hook(lambda o, sd: calls.append(("sd", o)))
+    opt.register_load_state_dict_post_hook(lambda o: calls.append(("load", o)))
+    train_step(model, opt, *data(1)[0])
+    opt.load_state_dict(opt.state_dict())
+    assert [c[0] for c in calls] == ["pre", "post", "sd", "load"]
+    assert all(c[1] is opt for c in calls)
+
+
+@pytest.mark.parametrize("kind", sorted(WRAPPERS))
+def test_closure_is_evaluated_once_before_statistics(kind):
+    """Lightning passes a closure that runs forward+backward inside step()."""
+    model = make_model()
+    opt = WRAPPERS[kind](torch.optim.SGD(model.parameters(), lr=0.1))
+    reference_model = make_model()
+    reference = WRAPPERS[kind](torch.optim.SGD(reference_model.parameters(), lr=0.1))
+    calls = []
+    for x, y in data(6):
+        def closure():
+            calls.append(1)
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        loss = opt.step(closure)
+        assert torch.is_tensor(loss) and loss.ndim == 0
+        train_step(reference_model, reference, x, y)
+    assert len(calls) == 6
+    for a, b in zip(model.parameters(), reference_model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_lbfgs_inner_receives_a_working_closure():
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(3))
+    target = torch.tensor([1.0, -2.0, 0.5])
+    opt = AutoSNR(torch.optim.LBFGS([w], lr=1.0, max_iter=20), threshold=0.0)
+
+    def closure():
+        opt.zero_grad()
+        loss = ((w - target) ** 2).sum()
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        opt.step(closure)
+    torch.testing.assert_close(w.detach(), target, atol=1e-4, rtol=0)
+
+
+def test_zero_grad_and_add_param_group():
+    model = make_model()
+    extra = torch.nn.Linear(3, 2)
+    opt = AutoRGN(torch.optim.SGD(model.parameters(), lr=0.1))
+    train_step(model, opt, *data(1)[0])
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+    opt.add_param_group({"params": list(extra.parameters()), "lr": 0.01, "name": "extra"})
+    assert len(opt.param_groups) == 2 and len(opt.optimizer.param_groups) == 2
+    x, y = data(1)[0]
+    opt.zero_grad()
+    (torch.nn.functional.cross_entropy(model(x), y) + extra(torch.randn(4, 3)).sum()).backward()
+    opt.step()
+    assert opt.multipliers().shape == (6 + 2,)
+    assert set(opt.block_multipliers()) == {"group0", "extra"}
+    snr = AutoSNR(torch.optim.SGD(model.parameters(), lr=0.1), threshold=0.5)
+    snr.add_param_group({"params": list(extra.parameters())})
+    assert snr.mask().shape == (8,)
+
+
+@pytest.mark.parametrize("kind", sorted(WRAPPERS))
+def test_deepcopy_and_pickle(kind):
+    model = make_model()
+    opt = WRAPPERS[kind](torch.optim.Adam(model.parameters(), lr=0.1))
+    for x, y in data(4):
+        train_step(model, opt, x, y)
+    clone = copy.deepcopy({"model": model, "opt": opt})
+    clone_model, clone_opt = clone["model"], clone["opt"]
+    pickled = pickle.loads(pickle.dumps(clone_opt))
+    assert isinstance(pickled, type(opt))
+    for x, y in data(3, seed=5):
+        train_step(model, opt, x, y)
+        train_step(clone_model, clone_opt, x, y)
+    for a, b in zip(model.parameters(), clone_model.parameters()):
+        assert torch.equal(a, b)
+
+
+SYNC_CALLS = ["item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__", "nonzero"]
+
+
+@contextlib.contextmanager
+def host_sync_forbidden(allowed: dict[str, int] | None = None):
+    """Make the usual host-synchronising tensor calls raise (``allowed``: name -> calls tolerated)."""
+    saved = {name: getattr(torch.Tensor, name) for name in SYNC_CALLS}
+    budget = dict(allowed or {})
+
+    def forbid(name):
+        def raiser(*args, **kwargs):
+            if budget.get(name, 0) > 0:
+                budget[name] -= 1
+                return saved[name](*args, **kwargs)
+            raise AssertionError(f"host synchronisation: Tensor.{name} called inside step()")
+
+        return raiser
+
+    try:
+        for name in SYNC_CALLS:
+            setattr(torch.Tensor, name, forbid(name))
+        yield budget
+    finally:
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, method)
+
+
+@pytest.mark.parametrize("kind", ["rgn", "rgn_window"])
+@pytest.mark.parametrize("foreach", [False, True])
+def test_no_host_synchronisation_inside_auto_rgn_step(kind, foreach):
+    model = make_model()
+    opt = WRAPPERS[kind](torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3, foreach=foreach))
+    for x, y in data(8):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        with host_sync_forbidden():
+            opt.step()
+    # and the guard itself works
+    with pytest.raises(AssertionError, match="host synchronisation"):
+        with host_sync_forbidden():
+            torch.ones(1).item()
+
+
+@pytest.mark.parametrize("kind", ["snr", "snr_refresh", "snr_of_rgn"])
+@pytest.mark.parametrize("foreach", [False, True])
+def test_auto_snr_reads_the_host_only_once_per_estimate(kind, foreach):
+    """Freezing needs the mask on the host (to drop gradients): one read of n booleans, at the
+    step after each estimate, from a copy issued without blocking. Every other step is sync-free."""
+    model = make_model()
+    opt = WRAPPERS[kind](torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3, foreach=foreach))
+    reads_at = []
+    for step, (x, y) in enumerate(data(10)):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        with host_sync_forbidden({"numpy": 1}) as budget:
+            opt.step()
+        if budget["numpy"] == 0:
+            reads_at.append(step)
+    estimates_end = {"snr": [2], "snr_refresh": [1, 5, 9], "snr_of_rgn": [2]}[kind]
+    assert reads_at == [s + 1 for s in estimates_end if s + 1 < 10]
+
+
+@pytest.mark.parametrize(
+    "build, error, match",
+    [
+        (lambda m: AutoRGN(m), TypeError, "torch.optim.Optimizer"),
+        (lambda m: AutoRGN(list(m.parameters())), TypeError, "Optimizer"),
+        (lambda m: AutoSNR(torch.optim.SGD(m.parameters(), lr=0.1), threshold=1.5), ValueError, r"\[0, 1\]"),
+        (lambda m: AutoSNR(torch.optim.SGD(m.parameters(), lr=0.1), threshold=-0.1), ValueError, r"\[0, 1\]"),
+        (lambda m: AutoSNR(torch.optim.SGD(m.parameters(), lr=0.1), threshold="high"), TypeError, "number"),
+        (lambda m: AutoSNR(torch.optim.SGD(m.parameters(), lr=0.1), samples=1), ValueError, "samples"),
+        (lambda m: AutoSNR(torch.optim.SGD(m.parameters(), lr=0.1), estimator="magic"), ValueError, "samples, official_eb"),
+        (lambda m: AutoSNR(torch.optim.SGD(m.parameters(), lr=0.1), samples=5, refresh_every=3), ValueError, "refresh_every"),
+        (lambda m: AutoRGN(torch.optim.SGD(m.parameters(), lr=0.1), refresh_every=0), ValueError, "refresh_every"),
+        (lambda m: AutoRGN(torch.optim.SGD(m.parameters(), lr=0.1), exclude="bn"), ValueError, "model=model"),
+        (lambda m: AutoRGN(torch.optim.SGD(m.parameters(), lr=0.1), exclude="(", model=m), ValueError, "regex"),
+        (lambda m: AutoRGN(torch.optim.SGD(m.parameters(), lr=0.1), exclude=3, model=m), TypeError, "regex"),
+        (lambda m: AutoRGN(torch.optim.SGD(m.parameters(), lr=0.1), momentum=0.9), TypeError, "momentum"),
+    ],
+)
+def test_bad_arguments_get_clear_errors(build, error, match):
+    with pytest.raises(error, match=match):
+        build(make_model())
+
+
+def test_nesting_the_same_wrapper_twice_is_refused_at_checkpoint():
+    opt = AutoRGN(AutoRGN(torch.optim.SGD(make_model().parameters(), lr=0.1)))
+    with pytest.raises(RuntimeError, match="at most once"):
+        opt.state_dict()
