@@ -183,7 +183,7 @@ class AutoRGN(OptimizerWrapper):
         """Per group: name, tensors, mean/max multiplier, as Python numbers (syncs; not for the hot path)."""
         rows = []
         start = 0
-        values = self._multipliers.detach().cpu()
+        values = self._multipliers.detach().cpu()  # sync-ok: reporting helper, not step()
         for name, group in self._named_groups():
             count = len(group["params"])
             chunk = values[start : start + count]

@@ -148,7 +148,7 @@ class AutoSNR(OptimizerWrapper):
     def frozen_fraction(self) -> float:
         """Fraction of parameters (elements) frozen by the current mask (syncs; not for the hot path)."""
         params = self.params()
-        mask = self._mask.detach().cpu()
+        mask = self._mask.detach().cpu()  # sync-ok: reporting helper, not step()
         total = sum(p.numel() for p in params)
         frozen = sum(p.numel() for p, m in zip(params, mask) if m == 0)
         return frozen / total if total else 0.0
@@ -230,7 +230,7 @@ class AutoSNR(OptimizerWrapper):
         self._raw_snr.copy_(raw.to(self._raw_snr))
         keep = normalise_snr(self._raw_snr) >= self.threshold
         self._mask.copy_(keep.to(self._dtype))
-        self._host_mask = [bool(v) for v in keep.cpu()]
+        self._host_mask = [bool(v) for v in keep.cpu()]  # sync-ok: calibrate() runs before training
         self._pending_mask = None
         self._calibrated_externally = True
         self._reset_accumulators()

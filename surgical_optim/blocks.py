@@ -1,0 +1,765 @@
+"""Split a model's parameters into ordered blocks for surgical fine-tuning.
+
+Surgical fine-tuning (Lee et al., ICLR 2023) trains one block of a pretrained network and freezes
+the rest; which block works best depends on the kind of distribution shift (input-level shifts favour
+the first block, output-level shifts the last). This module answers "what are the blocks of this
+model, input side first?" and turns the answer into torch param groups.
+
+Every parameter (as listed by ``model.named_parameters()``, which lists a shared or tied parameter
+once, under its first name) lands in exactly one block. Blocks are found by the first rule that
+applies:
+
+1. A user ``matcher``: a dict of regexes in timm's ``group_matcher`` protocol, or a callable
+   ``parameter name -> block name``.
+2. The model's own ``group_matcher(coarse=True)`` (every timm model has one). The grouping equals
+   timm's coarse grouping; groups are named after the dict key plus the captured index
+   (``stem``, ``blocks.0`` ... ``blocks.11``), the group of unmatched parameters after the module
+   path its parameters share (``fc``, ``head``), or ``head`` when they share none.
+3. Architectures recognised by structure (attribute names and types, not class names):
+
+   * torchvision ResNet / Wide-ResNet / ResNeXt (and CIFAR ResNets with ``conv1``, ``bn1``,
+     ``layer1``...): ``stem`` (conv1 + bn1), ``layer1`` ... ``layer4``, ``fc``.
+   * RobustBench-style Wide-ResNet (``conv1``, ``block1``..``block3``, ``bn1``, ``fc``): the paper's
+     CIFAR blocks ``block1`` (with conv1), ``block2``, ``block3`` (with the final bn1), ``fc``.
+   * torchvision VisionTransformer: ``embed`` (conv_proj, class_token, pos_embedding), ``layer0``
+     ... ``layerN-1`` (the final ``encoder.ln`` joins the last layer), ``heads``.
+   * Hugging Face encoders (an ``embeddings`` module and an ``encoder.layer``,
+     ``transformer.layer`` or ``layers`` ModuleList, on the model or on a direct child such as
+     ``bert``):
+     ``embeddings``, ``layer0`` ... ``layerN-1``, ``pooler``, then the task head (``classifier``).
+   * torchvision CNNs with a ``features`` or ``trunk_output`` nn.Sequential (ConvNeXt,
+     EfficientNet, MobileNetV2/V3, Swin, RegNet, VGG, DenseNet...): one block per element
+     (``features.0`` ... / ``trunk_output.block1`` ...); every other top-level child is one block
+     (``stem``, ``norm``, ``classifier``, ``head``, ``fc``).
+
+4. Fallback: top-level children in order; a top-level nn.Sequential / ModuleList / ModuleDict is
+   expanded one level so that each element is a block (``features.0``, ``features.1``...); a
+   parameter registered directly on the module is a block named after the parameter.
+
+Rules 2 to 4 look through wrappers whose parameters all sit in a single child and that have no
+parameters of their own (DistributedDataParallel's ``module``, ``torch.compile``'s ``_orig_mod``, a
+LightningModule holding ``self.model``...). A user matcher always sees the full names of
+``model.named_parameters()``.
+
+Example::
+
+    >>> import torch, torchvision
+    >>> model = torchvision.models.resnet18(weights=None)
+    >>> block_names(model)
+    ['stem', 'layer1', 'layer2', 'layer3', 'layer4', 'fc']
+    >>> groups = select_blocks(model, "first")      # freeze everything but conv1 + bn1
+    >>> optimizer = torch.optim.Adam(groups, lr=1e-3)
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import math
+import numbers
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Optional, Union
+
+from torch import nn
+
+__all__ = [
+    "BlockMatcher",
+    "BlockRow",
+    "TrainableReport",
+    "block_names",
+    "param_groups_by_block",
+    "select_blocks",
+    "trainable_report",
+]
+
+# One regex specification of timm's group_matcher protocol: a regex, or a list of
+# (regex, ordinal suffix) pairs where the suffix is a tuple of numbers or None.
+_RegexSpec = Union[
+    str,
+    re.Pattern[str],
+    Sequence[tuple[Union[str, re.Pattern[str]], Optional[tuple[float, ...]]]],
+    None,
+]
+
+BlockMatcher = Union[Mapping[str, _RegexSpec], Callable[[str], str]]
+"""How to split a model into blocks.
+
+Either a dict in timm's ``group_matcher`` protocol, e.g.
+``{"stem": r"^conv1|^bn1", "blocks": [(r"^layer(\\d+)", None)]}`` (keys name the blocks in order;
+regex capture groups give the numeric sub-order; an ordinal suffix of ``(99999,)`` merges into the
+previous group; unmatched parameters form a last group), or a callable mapping a parameter name to
+its block name, e.g. ``lambda name: name.split(".")[0]`` (blocks ordered by first appearance in
+``model.named_parameters()``).
+"""
+
+# timm's convention: a sort key ending in this ordinal joins the group before it.
+_MATCH_PREV_GROUP = 99999.0
+
+# The internal result of every rule: ordered (block name, indices into named_parameters()).
+_Grouping = list[tuple[str, list[int]]]
+_NamedParams = list[tuple[str, nn.Parameter]]
+
+
+# --------------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------------
+
+
+def param_groups_by_block(
+    model: nn.Module,
+    matcher: BlockMatcher | None = None,
+    *,
+    trainable_only: bool = True,
+) -> list[dict[str, Any]]:
+    """The model's parameters as ordered torch param groups, one per block, input side first.
+
+    Each group is ``{"params": [nn.Parameter, ...], "name": str}``, so the list can be handed to
+    any ``torch.optim`` optimizer (the extra ``"name"`` key is kept in ``optimizer.param_groups``).
+    With ``trainable_only`` (the default) only parameters with ``requires_grad`` are included and
+    blocks left empty are dropped; a model with no trainable parameter raises ``ValueError``.
+
+    Example::
+
+        >>> model = torchvision.models.resnet18(weights=None)
+        >>> groups = param_groups_by_block(model)
+        >>> [g["name"] for g in groups]
+        ['stem', 'layer1', 'layer2', 'layer3', 'layer4', 'fc']
+        >>> optimizer = torch.optim.Adam(groups, lr=1e-3)
+    """
+    groups = []
+    for name, members in _named_blocks(model, matcher):
+        params = [p for _, p in members if p.requires_grad or not trainable_only]
+        if params:
+            groups.append({"params": params, "name": name})
+    if not groups:
+        raise ValueError(
+            f"{type(model).__name__} has no trainable parameters (every requires_grad is False); "
+            "unfreeze some with select_blocks(model, which), or pass trainable_only=False"
+        )
+    return groups
+
+
+def block_names(model: nn.Module, matcher: BlockMatcher | None = None) -> list[str]:
+    """The names of the model's blocks, input side first, over all parameters (frozen ones too).
+
+    Example::
+
+        >>> block_names(torchvision.models.resnet18(weights=None))
+        ['stem', 'layer1', 'layer2', 'layer3', 'layer4', 'fc']
+    """
+    return [name for name, _ in _named_blocks(model, matcher)]
+
+
+def select_blocks(
+    model: nn.Module,
+    which: Any,
+    matcher: BlockMatcher | None = None,
+) -> list[dict[str, Any]]:
+    """Unfreeze the chosen blocks, freeze every other parameter, and return the chosen groups.
+
+    ``which`` is one of:
+
+    * ``"first"``, ``"last"`` or ``"all"`` (these keywords win over a block of the same name);
+    * a block name, e.g. ``"layer2"``;
+    * an int index into ``block_names(model)``, negative counting from the end;
+    * a ``slice`` or ``range`` of indices, e.g. ``slice(0, 2)`` for the first two blocks;
+    * a list or tuple mixing names and indices, e.g. ``["stem", -1]``.
+
+    Blocks are computed over all parameters, frozen or not, so calls can be repeated with
+    different selections. Returns the selected blocks' param groups (all their parameters, now
+    trainable) in model order, ready for an optimizer.
+
+    Raises ``KeyError`` (also a ``ValueError``) for an unknown name, listing the available ones;
+    ``IndexError`` for an out-of-range index; ``ValueError`` for a selection of no block;
+    ``TypeError`` for anything else.
+
+    Example::
+
+        >>> model = torchvision.models.resnet18(weights=None)
+        >>> groups = select_blocks(model, "layer1")
+        >>> optimizer = torch.optim.SGD(groups, lr=1e-2, momentum=0.9)
+        >>> model.fc.weight.requires_grad
+        False
+    """
+    blocks = _named_blocks(model, matcher)
+    chosen = _resolve_selection(which, [name for name, _ in blocks])
+    for index, (_, members) in enumerate(blocks):
+        for _, param in members:
+            param.requires_grad_(index in chosen)
+    return [
+        {"params": [p for _, p in blocks[i][1]], "name": blocks[i][0]} for i in sorted(chosen)
+    ]
+
+
+class BlockRow(NamedTuple):
+    """One block of a :class:`TrainableReport`: its name and its (trainable) parameter counts."""
+
+    name: str
+    n_params: int
+    n_trainable: int
+
+
+@dataclass(frozen=True)
+class TrainableReport:
+    """How many parameters a model has and how many of them train, overall and per block.
+
+    ``str(report)`` starts with a PEFT-style line
+    ``trainable params: 1,234 || all params: 5,678 || trainable%: 21.7331``
+    followed by a per-block table.
+    """
+
+    total_params: int
+    trainable_params: int
+    blocks: tuple[BlockRow, ...]
+    percent: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        # Derived rather than passed in, so that it can never disagree with the counts.
+        percent = 100.0 * self.trainable_params / self.total_params if self.total_params else 0.0
+        object.__setattr__(self, "percent", percent)
+
+    def __str__(self) -> str:
+        lines = [
+            f"trainable params: {self.trainable_params:,} || all params: {self.total_params:,}"
+            f" || trainable%: {self.percent:.4f}"
+        ]
+        rows = [("block", "params", "trainable")]
+        rows += [(row.name, f"{row.n_params:,}", f"{row.n_trainable:,}") for row in self.blocks]
+        widths = [max(len(row[col]) for row in rows) for col in range(3)]
+        for name, n_params, n_trainable in rows:
+            lines.append(
+                f"{name:<{widths[0]}}  {n_params:>{widths[1]}}  {n_trainable:>{widths[2]}}"
+            )
+        return "\n".join(lines)
+
+
+def trainable_report(model: nn.Module, matcher: BlockMatcher | None = None) -> TrainableReport:
+    """Count all and trainable parameters, overall and per block (shared parameters once).
+
+    Example::
+
+        >>> model = torchvision.models.resnet18(weights=None)
+        >>> _ = select_blocks(model, "fc")
+        >>> print(trainable_report(model))           # doctest: +NORMALIZE_WHITESPACE
+        trainable params: 513,000 || all params: 11,689,512 || trainable%: 4.3886
+        block      params  trainable
+        stem        9,536          0
+        ...
+    """
+    rows = []
+    for name, members in _named_blocks(model, matcher):
+        n_params = n_trainable = 0
+        for param_name, param in members:
+            if isinstance(param, nn.parameter.UninitializedParameter):
+                raise ValueError(
+                    f"parameter {param_name!r} is uninitialised (a lazy module); run one forward "
+                    "pass before counting parameters"
+                )
+            n_params += param.numel()
+            n_trainable += param.numel() if param.requires_grad else 0
+        rows.append(BlockRow(name, n_params, n_trainable))
+    return TrainableReport(
+        total_params=sum(row.n_params for row in rows),
+        trainable_params=sum(row.n_trainable for row in rows),
+        blocks=tuple(rows),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Dispatch: which rule splits this model
+# --------------------------------------------------------------------------------------------------
+
+
+def _named_blocks(
+    model: nn.Module, matcher: BlockMatcher | None
+) -> list[tuple[str, _NamedParams]]:
+    """Ordered (block name, [(parameter name, parameter), ...]) over all parameters."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"expected a torch.nn.Module, got {type(model).__name__}; pass the model itself "
+            "(e.g. param_groups_by_block(model)), not model.parameters() or a state_dict"
+        )
+    named = list(model.named_parameters())
+    if not named:
+        raise ValueError(f"{type(model).__name__} has no parameters, so it has no blocks")
+    names = [name for name, _ in named]
+
+    if matcher is None:
+        grouping = _auto_grouping(model, names)
+    elif isinstance(matcher, Mapping):
+        grouping = _group_by_regex(names, matcher)
+    elif callable(matcher) and not isinstance(matcher, nn.Module):
+        grouping = _group_by_block_fn(names, _checked_block_fn(matcher), order=())
+    else:
+        raise TypeError(
+            "matcher must be a dict of regexes in timm's group_matcher protocol or a callable "
+            f"mapping a parameter name to a block name (str), got {type(matcher).__name__}"
+        )
+    return [(block, [named[i] for i in sorted(indices)]) for block, indices in grouping]
+
+
+def _checked_block_fn(matcher: Callable[[str], Any]) -> Callable[[str], str]:
+    """Wrap a user callable so that a non-str answer is a clear TypeError."""
+
+    def block_of(name: str) -> str:
+        block = matcher(name)
+        if not isinstance(block, str):
+            raise TypeError(
+                f"matcher returned {block!r} ({type(block).__name__}) for parameter {name!r}; "
+                "a callable matcher must return the block name as a str"
+            )
+        return block
+
+    return block_of
+
+
+def _auto_grouping(model: nn.Module, names: list[str]) -> _Grouping:
+    """Rules 2-4 of the module docstring, looking through single-child wrappers."""
+    prefix = ""
+    module = model
+    while True:
+        local = [name[len(prefix) :] for name in names]
+        grouping = _recognise(module, local)
+        if grouping is not None:
+            return grouping
+        child = _sole_parameter_child(module)
+        if child is None:
+            break
+        child_name, module = child
+        prefix += child_name + "."
+    return [(prefix + block, indices) for block, indices in _fallback_grouping(module, local)]
+
+
+def _recognise(module: nn.Module, names: list[str]) -> _Grouping | None:
+    """The model's own group_matcher, else a recognised architecture, else None."""
+    # Looked up on the class: a wrapper forwarding attributes must not lend its model's matcher.
+    if callable(getattr(type(module), "group_matcher", None)):
+        spec = module.group_matcher(coarse=True)
+        if isinstance(spec, Mapping):
+            return _group_by_regex(names, spec)
+        if callable(spec):  # a few timm models (CaiT, Inception) return name -> ordinal
+            return _group_by_ordinal(names, spec)
+    for rule in _ARCHITECTURE_RULES:
+        found = rule(module)
+        if found is not None:
+            block_of, order = found
+            return _group_by_block_fn(names, block_of, order)
+    return None
+
+
+def _sole_parameter_child(module: nn.Module) -> tuple[str, nn.Module] | None:
+    """The one child holding all of a wrapper's parameters, if the module is such a wrapper."""
+    if any(True for _ in module.parameters(recurse=False)):
+        return None
+    holders = [(n, c) for n, c in module.named_children() if any(True for _ in c.parameters())]
+    return holders[0] if len(holders) == 1 else None
+
+
+# --------------------------------------------------------------------------------------------------
+# Groupers: parameter names -> ordered (block name, indices)
+# --------------------------------------------------------------------------------------------------
+
+
+def _group_by_block_fn(
+    names: list[str], block_of: Callable[[str], str], order: Sequence[str]
+) -> _Grouping:
+    """Group by ``block_of(name)``; blocks listed in ``order`` come in that order.
+
+    A block not in ``order`` is placed right after the listed block whose parameter precedes its
+    first parameter in ``named_parameters()`` (or first, if none does); with an empty ``order``
+    this is plain first-appearance order.
+    """
+    rank = {block: r for r, block in enumerate(order)}
+    members: dict[str, list[int]] = {}
+    sort_key: dict[str, tuple[int, int, int]] = {}
+    anchor = -1
+    for index, name in enumerate(names):
+        block = block_of(name)
+        if block in rank:
+            anchor = rank[block]
+        if block not in members:
+            members[block] = []
+            sort_key[block] = (rank[block], 0, 0) if block in rank else (anchor, 1, len(sort_key))
+        members[block].append(index)
+    return [(block, members[block]) for block in sorted(members, key=sort_key.__getitem__)]
+
+
+def _group_by_regex(names: list[str], spec: Mapping[Any, Any]) -> _Grouping:
+    """timm's ``group_with_matcher`` semantics for a dict matcher, with readable group names.
+
+    Each parameter gets the sort key ``(key ordinal, *captured numbers, *suffix)`` of the first
+    regex that matches the start of its name, or ``(inf,)`` when none does; groups are the sorted
+    distinct keys, except that a key ending in 99999 joins the group before it.
+    """
+    rules = _compile_regex_matcher(spec)
+    by_key: dict[tuple[float, ...], list[int]] = {}
+    label: dict[tuple[float, ...], str | None] = {}
+    for index, name in enumerate(names):
+        key, name_label = _regex_sort_key(name, rules)
+        by_key.setdefault(key, []).append(index)
+        label.setdefault(key, name_label)
+    return _merge_sorted_keys(by_key, label, names, unnamed=lambda position: "head")
+
+
+def _group_by_ordinal(names: list[str], matcher: Callable[[str], Any]) -> _Grouping:
+    """timm's semantics for a callable matcher returning an ordinal or a tuple of ordinals."""
+    by_key: dict[tuple[float, ...], list[int]] = {}
+    for index, name in enumerate(names):
+        ordinal = matcher(name)
+        if isinstance(ordinal, collections.abc.Iterable):
+            key = tuple(float(x) for x in ordinal)
+        else:
+            key = (float(ordinal),)
+        by_key.setdefault(key, []).append(index)
+    label: dict[tuple[float, ...], str | None] = {key: None for key in by_key}
+    return _merge_sorted_keys(
+        by_key, label, names, unnamed=lambda position: f"group{position}"
+    )
+
+
+def _merge_sorted_keys(
+    by_key: dict[tuple[float, ...], list[int]],
+    label: dict[tuple[float, ...], str | None],
+    names: list[str],
+    unnamed: Callable[[int], str],
+) -> _Grouping:
+    """Sorted keys become groups; a key ending in the MATCH_PREV_GROUP ordinal joins the last one."""
+    groups: list[tuple[str | None, list[int]]] = []
+    for key in sorted(by_key):
+        if groups and key[-1] == _MATCH_PREV_GROUP:
+            groups[-1][1].extend(by_key[key])
+        else:
+            groups.append((label[key], list(by_key[key])))
+    named: list[str] = []
+    for position, (group_label, indices) in enumerate(groups):
+        if group_label is None:
+            # No regex named it (unmatched, or a callable's ordinal): use the module path the
+            # group's parameters share, e.g. "fc" for a ResNet's unmatched classifier.
+            group_label = _common_module_path([names[i] for i in indices]) or unnamed(position)
+        named.append(group_label)
+    return list(zip(_make_unique(named), (indices for _, indices in groups)))
+
+
+def _compile_regex_matcher(
+    spec: Mapping[Any, Any],
+) -> list[tuple[re.Pattern[str], str, int, tuple[float, ...]]]:
+    """(regex, block label, key ordinal, ordinal suffix) for each regex, in matching order."""
+    rules = []
+    # The ordinal is the key's position, counting keys whose spec is None (timm does the same).
+    for ordinal, (key, regex_spec) in enumerate(spec.items()):
+        if regex_spec is None:
+            continue
+        if isinstance(regex_spec, (str, re.Pattern)):
+            rules.append((re.compile(regex_spec), str(key), ordinal, ()))
+            continue
+        if not isinstance(regex_spec, (list, tuple)):
+            raise TypeError(
+                f"matcher[{key!r}] must be a regex string or a list of (regex, ordinal tuple or "
+                f"None) pairs, got {type(regex_spec).__name__}"
+            )
+        for entry in regex_spec:
+            if not (
+                isinstance(entry, (list, tuple))
+                and len(entry) == 2
+                and isinstance(entry[0], (str, re.Pattern))
+            ):
+                raise TypeError(
+                    f"matcher[{key!r}] entries must be (regex, ordinal tuple or None) pairs, "
+                    f"got {entry!r}"
+                )
+            regex, suffix = entry
+            if suffix is None:
+                suffix = ()
+            elif not (
+                isinstance(suffix, (list, tuple))
+                and all(isinstance(x, numbers.Real) for x in suffix)
+            ):
+                raise TypeError(
+                    f"matcher[{key!r}]: the ordinal of {regex!r} must be a tuple of numbers, "
+                    f"such as (0,) or (99999,), or None; got {suffix!r}"
+                )
+            rules.append((re.compile(regex), str(key), ordinal, tuple(float(x) for x in suffix)))
+    return rules
+
+
+def _regex_sort_key(
+    name: str, rules: list[tuple[re.Pattern[str], str, int, tuple[float, ...]]]
+) -> tuple[tuple[float, ...], str | None]:
+    """timm's sort key of one parameter name, and the label of the block it names."""
+    for pattern, key, ordinal, suffix in rules:
+        match = pattern.match(name)
+        if match is None:
+            continue
+        # Groups that did not take part in the match are None; timm would crash on them.
+        captures = [group for group in match.groups() if group is not None]
+        try:
+            ordinals = tuple(float(group) for group in captures)
+        except ValueError:
+            raise ValueError(
+                f"matcher regex {pattern.pattern!r} captured {captures} from {name!r}; capture "
+                "groups must capture numbers, since they order the blocks"
+            ) from None
+        return (float(ordinal), *ordinals, *suffix), ".".join([key, *captures])
+    return (math.inf,), None
+
+
+def _common_module_path(names: list[str]) -> str:
+    """The longest dotted module path shared by all the parameter names ("" if none)."""
+    common = names[0].split(".")[:-1]
+    for name in names[1:]:
+        parts = name.split(".")[:-1]
+        length = 0
+        while length < min(len(common), len(parts)) and common[length] == parts[length]:
+            length += 1
+        common = common[:length]
+    return ".".join(common)
+
+
+def _make_unique(labels: list[str]) -> list[str]:
+    """Suffix repeated labels with #2, #3... so that every block name selects one block."""
+    seen: set[str] = set()
+    unique = []
+    for label in labels:
+        candidate, count = label, 1
+        while candidate in seen:
+            count += 1
+            candidate = f"{label}#{count}"
+        seen.add(candidate)
+        unique.append(candidate)
+    return unique
+
+
+def _fallback_grouping(module: nn.Module, names: list[str]) -> _Grouping:
+    """Top-level children in order, top-level containers expanded one level."""
+    containers = {
+        name
+        for name, child in module.named_children()
+        if isinstance(child, (nn.Sequential, nn.ModuleList, nn.ModuleDict))
+    }
+
+    def block_of(name: str) -> str:
+        parts = name.split(".")
+        if parts[0] in containers and len(parts) > 2:
+            return f"{parts[0]}.{parts[1]}"
+        return parts[0]  # a child's name, or a parameter registered directly on the module
+
+    return _group_by_block_fn(names, block_of, order=())
+
+
+# --------------------------------------------------------------------------------------------------
+# Architectures recognised by structure. Each rule returns (parameter name -> block name, the known
+# block names in input-to-output order) or None; parameter names are relative to the module.
+# --------------------------------------------------------------------------------------------------
+
+_Rule = Optional[tuple[Callable[[str], str], list[str]]]
+
+
+# Rules look at registered children and parameters only, never through ``getattr``: wrappers such
+# as torch.compile's OptimizedModule forward unknown attributes to the wrapped model, which would
+# make the wrapper look like the model while its parameter names carry the wrapper's prefix.
+def _child(module: nn.Module | None, name: str) -> nn.Module | None:
+    return None if module is None else dict(module.named_children()).get(name)
+
+
+def _has_modules(module: nn.Module | None, *names: str) -> bool:
+    return all(_child(module, name) is not None for name in names)
+
+
+def _top(name: str) -> str:
+    return name.split(".", 1)[0]
+
+
+def _resnet_rule(module: nn.Module) -> _Rule:
+    """torchvision ResNet/Wide-ResNet/ResNeXt, and CIFAR ResNets built the same way."""
+    if not _has_modules(module, "conv1", "bn1", "layer1"):
+        return None
+    layers = [n for n, _ in module.named_children() if re.fullmatch(r"layer\d+", n)]
+    layers.sort(key=lambda n: int(n[len("layer") :]))
+
+    def block_of(name: str) -> str:
+        top = _top(name)
+        return "stem" if top in ("conv1", "bn1") else top
+
+    return block_of, ["stem", *layers, "fc"]
+
+
+def _robustbench_wrn_rule(module: nn.Module) -> _Rule:
+    """RobustBench/TRADES WideResNet: conv1, block1..block3, bn1 (final), fc.
+
+    The paper's CIFAR blocks: conv1 joins block1 and the final bn1 joins block3. The unused
+    ``sub_block1`` of some versions sits beside block1, so it joins block1 too.
+    """
+    if not _has_modules(module, "conv1", "block1", "block2", "block3", "bn1"):
+        return None
+    joins = {"conv1": "block1", "sub_block1": "block1", "bn1": "block3"}
+
+    def block_of(name: str) -> str:
+        top = _top(name)
+        return joins.get(top, top)
+
+    return block_of, ["block1", "block2", "block3", "fc"]
+
+
+def _torchvision_vit_rule(module: nn.Module) -> _Rule:
+    """torchvision VisionTransformer: embed, one block per encoder layer, heads."""
+    encoder = _child(module, "encoder")
+    if not (
+        _has_modules(module, "conv_proj")
+        and "class_token" in dict(module.named_parameters(recurse=False))
+        and _has_modules(encoder, "layers", "ln")
+    ):
+        return None
+    layer_index = {n: i for i, (n, _) in enumerate(encoder.layers.named_children())}
+    if not layer_index:
+        return None
+    layer_blocks = [f"layer{i}" for i in range(len(layer_index))]
+
+    def block_of(name: str) -> str:
+        parts = name.split(".")
+        if parts[0] in ("class_token", "conv_proj") or name == "encoder.pos_embedding":
+            return "embed"
+        if parts[0] == "encoder" and len(parts) > 2:
+            if parts[1] == "layers" and parts[2] in layer_index:
+                return layer_blocks[layer_index[parts[2]]]
+            if parts[1] == "ln":  # the final norm acts on the last layer's output
+                return layer_blocks[-1]
+        return parts[0]
+
+    return block_of, ["embed", *layer_blocks, "heads"]
+
+
+def _hf_encoder_rule(module: nn.Module) -> _Rule:
+    """Hugging Face encoders, bare or under a task model's backbone attribute (``bert``...)."""
+    for path, backbone in [("", module), *module.named_children()]:
+        if not _has_modules(backbone, "embeddings"):
+            continue
+        for stack in _HF_LAYER_STACKS:
+            layers = backbone
+            for part in stack:
+                layers = _child(layers, part)
+            if isinstance(layers, nn.ModuleList) and len(layers) > 0:
+                return _hf_block_fn(path, stack, layers)
+    return None
+
+
+# Where the layers sit: BERT/RoBERTa/ELECTRA..., DistilBERT, newer models (ViT in transformers 5).
+_HF_LAYER_STACKS = (("encoder", "layer"), ("transformer", "layer"), ("layers",))
+
+
+def _hf_block_fn(path: str, stack: tuple[str, ...], layers: nn.ModuleList) -> _Rule:
+    layer_index = {n: i for i, (n, _) in enumerate(layers.named_children())}
+    depth = len(stack)
+
+    def block_of(name: str) -> str:
+        parts = name.split(".")
+        if path:
+            if parts[0] != path:
+                return parts[0]  # the task head: classifier, cls, qa_outputs...
+            parts = parts[1:]
+        if tuple(parts[:depth]) == stack and len(parts) > depth + 1:
+            return f"layer{layer_index[parts[depth]]}"
+        return parts[0]  # embeddings, pooler, or another child of the backbone
+
+    order = ["embeddings", *(f"layer{i}" for i in range(len(layer_index))), "pooler"]
+    return block_of, order
+
+
+def _trunk_cnn_rule(module: nn.Module) -> _Rule:
+    """torchvision CNNs whose stages sit in one nn.Sequential: ``features`` or ``trunk_output``."""
+    for trunk in ("features", "trunk_output"):
+        if isinstance(_child(module, trunk), nn.Sequential):
+            break
+    else:
+        return None
+
+    def block_of(name: str) -> str:
+        parts = name.split(".")
+        if parts[0] == trunk and len(parts) > 2:
+            return f"{trunk}.{parts[1]}"
+        return parts[0]  # stem, norm, classifier, head, fc: each one block, never expanded
+
+    return block_of, []
+
+
+# Order matters only for models that would match two rules; the Hugging Face rule looks one level
+# down for its backbone, so it goes first.
+_ARCHITECTURE_RULES: tuple[Callable[[nn.Module], _Rule], ...] = (
+    _hf_encoder_rule,
+    _torchvision_vit_rule,
+    _resnet_rule,
+    _robustbench_wrn_rule,
+    _trunk_cnn_rule,
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# select_blocks: resolving ``which``
+# --------------------------------------------------------------------------------------------------
+
+
+class _UnknownBlockError(KeyError, ValueError):
+    """An unknown block name; a KeyError whose message is not wrapped in quotes."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+_KEYWORDS = ("first", "last", "all")
+
+
+def _resolve_selection(which: Any, names: list[str]) -> set[int]:
+    """The block indices ``which`` selects (see select_blocks)."""
+    count = len(names)
+    if isinstance(which, (str, numbers.Integral)) and not isinstance(which, bool):
+        chosen = _resolve_item(which, names)
+    elif isinstance(which, slice):
+        chosen = list(range(count))[which]
+    elif isinstance(which, range):
+        chosen = [_resolve_index(i, count) for i in which]
+    elif isinstance(which, (list, tuple)):
+        chosen = []
+        for item in which:
+            if not isinstance(item, (str, numbers.Integral)) or isinstance(item, bool):
+                raise TypeError(
+                    "a list or tuple of blocks may hold block names (str) and int indices, got "
+                    f"{item!r} ({type(item).__name__})"
+                )
+            chosen += _resolve_item(item, names)
+    else:
+        raise TypeError(
+            "which must be 'first', 'last', 'all', a block name (str), an int index, a slice or "
+            f"range of indices, or a list/tuple of names and indices; got {type(which).__name__}"
+        )
+    if not chosen:
+        raise ValueError(
+            f"{which!r} selects no block; the model has {count} blocks: {', '.join(names)}"
+        )
+    return set(chosen)
+
+
+def _resolve_item(item: str | numbers.Integral, names: list[str]) -> list[int]:
+    if not isinstance(item, str):
+        return [_resolve_index(item, len(names))]
+    if item == "first":
+        return [0]
+    if item == "last":
+        return [len(names) - 1]
+    if item == "all":
+        return list(range(len(names)))
+    if item in names:
+        return [names.index(item)]
+    raise _UnknownBlockError(
+        f"unknown block {item!r}; available blocks: {', '.join(names)} "
+        f"(or one of {', '.join(repr(k) for k in _KEYWORDS)}, or an index)"
+    )
+
+
+def _resolve_index(index: numbers.Integral, count: int) -> int:
+    position = int(index)
+    if not -count <= position < count:
+        raise IndexError(
+            f"block index {position} is out of range: the model has {count} blocks "
+            f"(valid indices {-count}..{count - 1})"
+        )
+    return position % count
