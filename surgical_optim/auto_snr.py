@@ -185,6 +185,9 @@ class AutoSNR(OptimizerWrapper):
             torch._foreach_add_(targets_sum, sources)
             torch._foreach_addcmul_(targets_sq, sources, sources)
 
+    # Host-side bookkeeping that runs once per estimate: kept out of torch.compile graphs (dynamo
+    # would otherwise trace the host copy and the Python state it resets).
+    @torch.compiler.disable
     def _finish_estimate(self) -> None:
         if self.estimator == "official_eb":
             counts = torch.tensor([max(c, 1) for c in self._counts], device=self._device, dtype=self._dtype)
@@ -253,10 +256,14 @@ class AutoSNR(OptimizerWrapper):
         return count
 
     def _materialised_host_mask(self) -> list[bool] | None:
-        if self._pending_mask is not None:
-            self._host_mask = self._pending_mask.result()
-            self._pending_mask = None
+        if self._pending_mask is not None:  # once per estimate
+            self._take_pending_mask()
         return self._host_mask
+
+    @torch.compiler.disable
+    def _take_pending_mask(self) -> None:
+        self._host_mask = self._pending_mask.result()
+        self._pending_mask = None
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
