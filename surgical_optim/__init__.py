@@ -13,16 +13,16 @@ Public API:
 from ._wrapper import OptimizerWrapper
 from .auto_rgn import AutoRGN
 from .auto_snr import AutoSNR
-try:  # TEMPORARY while blocks.py is being written
-    from .blocks import (
-        TrainableReport,
-        block_names,
-        param_groups_by_block,
-        select_blocks,
-        trainable_report,
-    )
-except ImportError:  # pragma: no cover
-    pass
+from .blocks import (
+    BlockMatcher,
+    BlockRow,
+    BlockSelector,
+    TrainableReport,
+    block_names,
+    param_groups_by_block,
+    select_blocks,
+    trainable_report,
+)
 from .snr import per_example_gradient_snr
 
 __version__ = "0.1.0"
@@ -30,6 +30,9 @@ __version__ = "0.1.0"
 __all__ = [
     "AutoRGN",
     "AutoSNR",
+    "BlockMatcher",
+    "BlockRow",
+    "BlockSelector",
     "OptimizerWrapper",
     "TrainableReport",
     "block_names",

@@ -1,9 +1,9 @@
 """Split a model's parameters into ordered blocks for surgical fine-tuning.
 
 Surgical fine-tuning (Lee et al., ICLR 2023) trains one block of a pretrained network and freezes
-the rest; which block works best depends on the kind of distribution shift (input-level shifts favour
-the first block, output-level shifts the last). This module answers "what are the blocks of this
-model, input side first?" and turns the answer into torch param groups.
+the rest; which block works best depends on the kind of distribution shift (input-level shifts
+favour the first block, output-level shifts the last). This module answers "what are the blocks
+of this model, input side first?" and turns the answer into torch param groups.
 
 Every parameter (as listed by ``model.named_parameters()``, which lists a shared or tied parameter
 once, under its first name) lands in exactly one block. Blocks are found by the first rule that
@@ -23,10 +23,10 @@ applies:
      CIFAR blocks ``block1`` (with conv1), ``block2``, ``block3`` (with the final bn1), ``fc``.
    * torchvision VisionTransformer: ``embed`` (conv_proj, class_token, pos_embedding), ``layer0``
      ... ``layerN-1`` (the final ``encoder.ln`` joins the last layer), ``heads``.
-   * Hugging Face encoders (an ``embeddings`` module and an ``encoder.layer``,
-     ``transformer.layer`` or ``layers`` ModuleList, on the model or on a direct child such as
-     ``bert``):
-     ``embeddings``, ``layer0`` ... ``layerN-1``, ``pooler``, then the task head (``classifier``).
+   * Hugging Face transformers (an ``embeddings`` or ``embed_tokens`` module and an
+     ``encoder.layer``, ``transformer.layer`` or ``layers`` ModuleList, on the model or on a direct
+     child such as ``bert``): ``embeddings``, ``layer0`` ... ``layerN-1``, ``pooler``, then the task
+     head (``classifier``); any other child keeps its own name and place (``norm``, ``lm_head``).
    * torchvision CNNs with a ``features`` or ``trunk_output`` nn.Sequential (ConvNeXt,
      EfficientNet, MobileNetV2/V3, Swin, RegNet, VGG, DenseNet...): one block per element
      (``features.0`` ... / ``trunk_output.block1`` ...); every other top-level child is one block
@@ -66,6 +66,7 @@ from torch import nn
 __all__ = [
     "BlockMatcher",
     "BlockRow",
+    "BlockSelector",
     "TrainableReport",
     "block_names",
     "param_groups_by_block",
@@ -92,6 +93,10 @@ previous group; unmatched parameters form a last group), or a callable mapping a
 its block name, e.g. ``lambda name: name.split(".")[0]`` (blocks ordered by first appearance in
 ``model.named_parameters()``).
 """
+
+# What select_blocks accepts: "first"/"last"/"all", a name, an index, a slice or range of
+# indices, or a list/tuple of names and indices.
+BlockSelector = Union[str, int, slice, range, Sequence[Union[str, int]]]
 
 # timm's convention: a sort key ending in this ordinal joins the group before it.
 _MATCH_PREV_GROUP = 99999.0
@@ -153,7 +158,7 @@ def block_names(model: nn.Module, matcher: BlockMatcher | None = None) -> list[s
 
 def select_blocks(
     model: nn.Module,
-    which: Any,
+    which: BlockSelector,
     matcher: BlockMatcher | None = None,
 ) -> list[dict[str, Any]]:
     """Unfreeze the chosen blocks, freeze every other parameter, and return the chosen groups.
@@ -241,11 +246,15 @@ def trainable_report(model: nn.Module, matcher: BlockMatcher | None = None) -> T
 
         >>> model = torchvision.models.resnet18(weights=None)
         >>> _ = select_blocks(model, "fc")
-        >>> print(trainable_report(model))           # doctest: +NORMALIZE_WHITESPACE
-        trainable params: 513,000 || all params: 11,689,512 || trainable%: 4.3886
+        >>> print(trainable_report(model))
+        trainable params: 513,000 || all params: 11,689,512 || trainable%: 4.3885
         block      params  trainable
         stem        9,536          0
-        ...
+        layer1    147,968          0
+        layer2    525,568          0
+        layer3  2,099,712          0
+        layer4  8,393,728          0
+        fc        513,000    513,000
     """
     rows = []
     for name, members in _named_blocks(model, matcher):
@@ -424,7 +433,7 @@ def _merge_sorted_keys(
     names: list[str],
     unnamed: Callable[[int], str],
 ) -> _Grouping:
-    """Sorted keys become groups; a key ending in the MATCH_PREV_GROUP ordinal joins the last one."""
+    """Sorted keys become groups; a key ending in the MATCH_PREV_GROUP ordinal joins the last."""
     groups: list[tuple[str | None, list[int]]] = []
     for key in sorted(by_key):
         if groups and key[-1] == _MATCH_PREV_GROUP:
@@ -555,11 +564,12 @@ def _fallback_grouping(module: nn.Module, names: list[str]) -> _Grouping:
 _Rule = Optional[tuple[Callable[[str], str], list[str]]]
 
 
-# Rules look at registered children and parameters only, never through ``getattr``: wrappers such
-# as torch.compile's OptimizedModule forward unknown attributes to the wrapped model, which would
-# make the wrapper look like the model while its parameter names carry the wrapper's prefix.
+# Rules look at registered children and parameters only (``_modules``, ``_parameters``), never
+# through ``getattr``: wrappers such as torch.compile's OptimizedModule forward unknown attributes
+# to the wrapped model, which would make the wrapper look like the model while its parameter names
+# carry the wrapper's prefix. (``named_children`` would not do: it hides a module registered twice.)
 def _child(module: nn.Module | None, name: str) -> nn.Module | None:
-    return None if module is None else dict(module.named_children()).get(name)
+    return None if module is None else module._modules.get(name)
 
 
 def _has_modules(module: nn.Module | None, *names: str) -> bool:
@@ -606,7 +616,7 @@ def _torchvision_vit_rule(module: nn.Module) -> _Rule:
     encoder = _child(module, "encoder")
     if not (
         _has_modules(module, "conv_proj")
-        and "class_token" in dict(module.named_parameters(recurse=False))
+        and module._parameters.get("class_token") is not None
         and _has_modules(encoder, "layers", "ln")
     ):
         return None
@@ -630,9 +640,10 @@ def _torchvision_vit_rule(module: nn.Module) -> _Rule:
 
 
 def _hf_encoder_rule(module: nn.Module) -> _Rule:
-    """Hugging Face encoders, bare or under a task model's backbone attribute (``bert``...)."""
+    """Hugging Face transformers, bare or under a task model's backbone attribute (``bert``...)."""
     for path, backbone in [("", module), *module.named_children()]:
-        if not _has_modules(backbone, "embeddings"):
+        # "embed_tokens": decoder-only language models (Llama, Mistral, Qwen, OPT...).
+        if not (_has_modules(backbone, "embeddings") or _has_modules(backbone, "embed_tokens")):
             continue
         for stack in _HF_LAYER_STACKS:
             layers = backbone
@@ -659,7 +670,7 @@ def _hf_block_fn(path: str, stack: tuple[str, ...], layers: nn.ModuleList) -> _R
             parts = parts[1:]
         if tuple(parts[:depth]) == stack and len(parts) > depth + 1:
             return f"layer{layer_index[parts[depth]]}"
-        return parts[0]  # embeddings, pooler, or another child of the backbone
+        return parts[0]  # embeddings, pooler, a final norm: another child of the backbone
 
     order = ["embeddings", *(f"layer{i}" for i in range(len(layer_index))), "pooler"]
     return block_of, order
