@@ -13,7 +13,47 @@ from collections.abc import Sequence
 import torch
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
-__all__ = ["statistics_dtype", "GatherPlan", "gather_plan", "per_tensor_sq_norms"]
+__all__ = [
+    "statistics_dtype",
+    "local_tensor",
+    "GatherPlan",
+    "gather_plan",
+    "per_tensor_sq_norms",
+    "sum_over_shards",
+]
+
+try:  # DTensor (FSDP2's sharded parameters) exists only where torch.distributed is built
+    from torch.distributed.tensor import DTensor, Shard
+except ImportError:  # pragma: no cover
+    DTensor = None  # type: ignore[assignment,misc]
+    Shard = None  # type: ignore[assignment,misc]
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (sharing its storage), or the tensor itself."""
+    if DTensor is not None and isinstance(tensor, DTensor):
+        return tensor._local_tensor
+    return tensor
+
+
+def _shard_group(tensor: torch.Tensor):
+    """The process group over which a DTensor's local values must be summed, or None.
+
+    FSDP2 shards each parameter along dim 0 of a 1-D mesh: squared norms of the local shards add up
+    to the squared norm of the whole tensor. Replicated tensors need no reduction.
+    """
+    if DTensor is None or not isinstance(tensor, DTensor):
+        return None
+    mesh = tensor.device_mesh
+    sharded_dims = [i for i, placement in enumerate(tensor.placements) if isinstance(placement, Shard)]
+    if not sharded_dims:
+        return None
+    if mesh.ndim != 1:
+        raise NotImplementedError(
+            "surgical_optim supports DTensor parameters sharded over a 1-D device mesh (FSDP2's "
+            f"fully_shard); got placements {tensor.placements} on a {mesh.ndim}-D mesh (HSDP)"
+        )
+    return mesh.get_group()
 
 
 def statistics_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
@@ -25,7 +65,17 @@ class GatherPlan:
     """How to turn per-(device, dtype) groups back into one vector in the caller's order."""
 
     def __init__(self, tensors: Sequence[torch.Tensor], device: torch.device) -> None:
-        grouped = _group_tensors_by_device_and_dtype([list(tensors)], with_indices=True)
+        groups = [_shard_group(t) for t in tensors]
+        distinct = {id(g): g for g in groups if g is not None}
+        if len(distinct) > 1:
+            raise NotImplementedError("sharded parameters must all live on one device mesh")
+        #: (process group, mask of sharded entries) when some tensors are DTensor shards
+        self.shards = None
+        if distinct:
+            mask = torch.tensor([g is not None for g in groups], dtype=torch.bool, device=device)
+            self.shards = (next(iter(distinct.values())), mask)
+        local = [local_tensor(t) for t in tensors]
+        grouped = _group_tensors_by_device_and_dtype([local], with_indices=True)
         self.groups: list[tuple[torch.device, torch.dtype, list[int]]] = []
         order: list[int] = []
         for (dev, dtype), (_, indices) in grouped.items():
@@ -66,7 +116,7 @@ def per_tensor_sq_norms(
     outputs: list[list[torch.Tensor]] = [[] for _ in lists]
     for dev, tensor_dtype, indices in plan.groups:
         for out, tensors in zip(outputs, lists):
-            group = [tensors[i] for i in indices]
+            group = [local_tensor(tensors[i]) for i in indices]
             if tensor_dtype == dtype:
                 norms = torch._foreach_norm(group, 2)
             else:
@@ -79,4 +129,20 @@ def per_tensor_sq_norms(
         if not plan.single_group_in_order:
             flat = flat.index_select(0, plan.inverse)
         results.append(flat * flat)
-    return results
+    return sum_over_shards(plan, results)
+
+
+def sum_over_shards(plan: GatherPlan, vectors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Sum the sharded entries of per-tensor vectors over the shard group: one all-reduce in all.
+
+    Values of unsharded (plain or replicated) tensors are left as they are. Collectives are
+    asynchronous on the device, so this adds no host synchronisation.
+    """
+    if plan.shards is None or not vectors:
+        return vectors
+    import torch.distributed as dist
+
+    group, mask = plan.shards
+    stacked = torch.stack([torch.where(mask, v, torch.zeros_like(v)) for v in vectors])
+    dist.all_reduce(stacked, op=dist.ReduceOp.SUM, group=group)
+    return [torch.where(mask, reduced, v) for reduced, v in zip(stacked.unbind(0), vectors)]

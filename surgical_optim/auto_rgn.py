@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from ._foreach import gather_plan, per_tensor_sq_norms, statistics_dtype
+from ._foreach import gather_plan, local_tensor, per_tensor_sq_norms, statistics_dtype
 from ._wrapper import OptimizerWrapper
 
 __all__ = ["AutoRGN", "rgn_multipliers"]
@@ -137,9 +137,8 @@ class AutoRGN(OptimizerWrapper):
         n = len(params)
         self._excluded = [self._is_excluded(p) for p in params]
         self._plans: dict = {}
-        self._snapshots: dict[int, torch.Tensor] = getattr(self, "_snapshots", {})
-        live = {id(p) for p in params}
-        self._snapshots = {k: v for k, v in self._snapshots.items() if k in live}
+        # snapshot buffers by parameter position, allocated on first use and reused every step
+        self._snapshots: dict[int, torch.Tensor] = {}
         opts = {"device": self._device, "dtype": self._dtype}
         self._multipliers = torch.zeros(n, **opts)
         self._rgn_sum = torch.zeros(n, **opts)
@@ -155,12 +154,12 @@ class AutoRGN(OptimizerWrapper):
             return False
         return any(pattern.search(name) for pattern in self._exclude_patterns)
 
-    def _snapshot_buffers(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _snapshot_buffers(self, positions: list[int], params: list[torch.Tensor]) -> list[torch.Tensor]:
         buffers = []
-        for p in params:
-            buffer = self._snapshots.get(id(p))
+        for position, p in zip(positions, params):
+            buffer = self._snapshots.get(position)
             if buffer is None or buffer.shape != p.shape or buffer.dtype != p.dtype or buffer.device != p.device:
-                buffer = self._snapshots[id(p)] = torch.empty_like(p, memory_format=torch.preserve_format)
+                buffer = self._snapshots[position] = torch.empty_like(p, memory_format=torch.preserve_format)
             buffers.append(buffer)
         return buffers
 
@@ -231,13 +230,15 @@ class AutoRGN(OptimizerWrapper):
         # Non-finite gradient entries -> 0, so the inner optimizer's state stays finite. Their
         # tensors have multiplier 0, so the weights are restored from the snapshot below.
         for g in grads:
-            torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
+            torch.nan_to_num_(local_tensor(g), nan=0.0, posinf=0.0, neginf=0.0)
 
-        snapshots = self._snapshot_buffers(trained)
-        torch._foreach_copy_(snapshots, trained)
+        # snapshots and rescaling work on local shards (FSDP2) - elementwise, so no communication
+        trained_local = [local_tensor(p) for p in trained]
+        snapshots = self._snapshot_buffers(positions, trained_local)
+        torch._foreach_copy_(snapshots, trained_local)
         out = self.optimizer.step(inner_closure) if inner_closure is not None else self.optimizer.step()
         # p <- lerp(p_new, p_old, 1 - m) = p_old + m (p_new - p_old); lerp is exact at weight 0 and 1.
-        self._rescale_updates(plan, trained, snapshots, 1.0 - local)
+        self._rescale_updates(plan, trained_local, snapshots, 1.0 - local)
         return loss if closure is not None else out
 
     def _update_multipliers(

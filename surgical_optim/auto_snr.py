@@ -36,9 +36,15 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from ._foreach import statistics_dtype
+from ._foreach import gather_plan, local_tensor, statistics_dtype, sum_over_shards
 from ._wrapper import OptimizerWrapper
-from .snr import DEFAULT_EPS, normalise_snr, official_eb_criterion, per_example_gradient_snr, snr_from_moments
+from .snr import (
+    DEFAULT_EPS,
+    normalise_snr,
+    official_eb_criterion,
+    per_example_gradient_snr,
+    snr_sums_from_moments,
+)
 
 __all__ = ["AutoSNR"]
 
@@ -162,8 +168,14 @@ class AutoSNR(OptimizerWrapper):
         return self._step_count % self.refresh_every < self.samples
 
     def _collect(self, params: list[torch.Tensor]) -> None:
-        present = [(i, p.grad) for i, p in enumerate(params) if p.grad is not None]
+        # local shards under FSDP2: moments are elementwise, shards are combined when reducing
+        present = [(i, local_tensor(p.grad)) for i, p in enumerate(params) if p.grad is not None]
         if self.estimator == "official_eb":
+            if any(local_tensor(p) is not p for p in params):
+                raise NotImplementedError(
+                    "estimator='official_eb' reproduces the official single-device code; it does not "
+                    "support sharded (FSDP2) parameters - use the default estimator"
+                )
             if present:
                 index, grads = zip(*present)
                 values = torch.stack([official_eb_criterion(g).to(self._device, self._dtype) for g in grads])
@@ -198,10 +210,14 @@ class AutoSNR(OptimizerWrapper):
             self._raw_snr.copy_(raw)
             keep = ~(raw < self.threshold)  # NaN is kept, as the code's `v < 0.95` test does
         else:
-            zero = torch.zeros((), device=self._device)
+            zero = torch.zeros((), device=self._device, dtype=self._dtype)
             sums = [s if s is not None else zero for s in self._sums]
             squares = [s if s is not None else zero for s in self._squares]
-            raw = snr_from_moments(sums, squares, self._counts, eps=self.eps).to(self._dtype)
+            ratio_sums, sizes = snr_sums_from_moments(sums, squares, self._counts, eps=self.eps)
+            # sharded tensors: add the shards' sums and sizes over the mesh (one all-reduce)
+            plan = gather_plan({}, (), self._params_cache, self._device)
+            ratio_sums, sizes = sum_over_shards(plan, [ratio_sums.to(self._dtype), sizes.to(self._dtype)])
+            raw = ratio_sums / torch.clamp(sizes, min=1.0)
             self._raw_snr.copy_(raw)
             keep = normalise_snr(raw) >= self.threshold
         self._mask.copy_(keep.to(self._dtype))

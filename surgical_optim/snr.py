@@ -25,6 +25,7 @@ import torch
 __all__ = [
     "DEFAULT_EPS",
     "snr_from_moments",
+    "snr_sums_from_moments",
     "official_eb_criterion",
     "per_example_gradient_snr",
     "normalise_snr",
@@ -34,30 +35,47 @@ __all__ = [
 DEFAULT_EPS = 1e-6
 
 
+def snr_sums_from_moments(
+    sums: Sequence[torch.Tensor],
+    sums_of_squares: Sequence[torch.Tensor],
+    counts: Sequence[int],
+    eps: float = DEFAULT_EPS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per tensor, the sum over elements of the element SNR and the number of elements.
+
+    Sums (not means) so that shards of one tensor can be added up before dividing. Tensors with
+    fewer than 2 samples (no variance estimate) contribute 0. Both vectors are float64 if any input
+    is, else float32, on the first tensor's device; no host synchronisation.
+    """
+    device = sums[0].device if sums else torch.device("cpu")
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in sums) else torch.float32
+    ratio_sums, sizes = [], []
+    for total, total_sq, count in zip(sums, sums_of_squares, counts):
+        sizes.append(float(total.numel()))
+        if count < 2:
+            ratio_sums.append(torch.zeros((), device=device, dtype=dtype))
+            continue
+        mean = total / count
+        mean_sq = mean * mean
+        variance = torch.clamp((total_sq - count * mean_sq) / (count - 1), min=0.0)
+        denominator = variance + eps * mean_sq
+        safe = torch.where(denominator > 0, denominator, torch.ones_like(denominator))
+        ratio = torch.where(mean_sq > 0, mean_sq / safe, torch.zeros_like(mean_sq))
+        ratio_sums.append(ratio.sum().to(device=device, dtype=dtype))
+    if not ratio_sums:
+        return torch.zeros(0, dtype=dtype), torch.zeros(0, dtype=dtype)
+    return torch.stack(ratio_sums), torch.tensor(sizes, device=device, dtype=dtype)
+
+
 def snr_from_moments(
     sums: Sequence[torch.Tensor],
     sums_of_squares: Sequence[torch.Tensor],
     counts: Sequence[int],
     eps: float = DEFAULT_EPS,
 ) -> torch.Tensor:
-    """Per-tensor SNR from running sums of K samples (K = ``counts[i]`` for tensor i).
-
-    Returns a 1-D float tensor on the first tensor's device; tensors with fewer than 2 samples get 0
-    (no variance estimate). No host synchronisation: one small kernel chain per tensor.
-    """
-    values = []
-    device = sums[0].device if sums else torch.device("cpu")
-    for total, total_sq, count in zip(sums, sums_of_squares, counts):
-        if count < 2:
-            values.append(torch.zeros((), device=device, dtype=torch.float64 if total.dtype == torch.float64 else torch.float32))
-            continue
-        mean = total / count
-        mean_sq = mean * mean
-        variance = torch.clamp((total_sq - count * mean_sq) / (count - 1), min=0.0)
-        denominator = variance + eps * mean_sq
-        ratio = torch.where(mean_sq > 0, mean_sq / torch.where(denominator > 0, denominator, torch.ones_like(denominator)), torch.zeros_like(mean_sq))
-        values.append(ratio.mean().to(device))
-    return torch.stack(values) if values else torch.zeros(0)
+    """Per-tensor SNR (mean over elements of the element SNR) from running sums of K samples."""
+    ratio_sums, sizes = snr_sums_from_moments(sums, sums_of_squares, counts, eps)
+    return ratio_sums / torch.clamp(sizes, min=1.0)
 
 
 def official_eb_criterion(grad: torch.Tensor) -> torch.Tensor:
