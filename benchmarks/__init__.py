@@ -1,0 +1,1 @@
+"""Benchmarks for surgical-optim: the paper's seven-dataset evaluation (see benchmarks/README.md)."""
