@@ -18,7 +18,7 @@ __all__ = [
     "local_tensor",
     "GatherPlan",
     "gather_plan",
-    "per_tensor_sq_norms",
+    "per_tensor_norms",
     "sum_over_shards",
 ]
 
@@ -105,13 +105,14 @@ def gather_plan(
     return plan
 
 
-def per_tensor_sq_norms(
+def per_tensor_norms(
     plan: GatherPlan, lists: Sequence[Sequence[torch.Tensor]], dtype: torch.dtype
 ) -> list[torch.Tensor]:
-    """For each list of tensors (laid out as the plan's tensors), the squared L2 norm of each tensor.
+    """For each list of tensors (laid out as the plan's tensors), the L2 norm of each tensor.
 
-    Squared norms (not norms) because they add across shards and micro-batches. Returns one
-    1-D ``dtype`` tensor per input list, on ``plan.device``, in the caller's order.
+    Returns one 1-D ``dtype`` tensor per input list, on ``plan.device``, in the caller's order.
+    Norms, not squared norms, so that tiny or huge tensors do not under/overflow; only sharded
+    tensors go through squares, to add their shards up over the mesh.
     """
     outputs: list[list[torch.Tensor]] = [[] for _ in lists]
     for dev, tensor_dtype, indices in plan.groups:
@@ -128,8 +129,12 @@ def per_tensor_sq_norms(
         flat = out[0] if len(out) == 1 else torch.cat(out)
         if not plan.single_group_in_order:
             flat = flat.index_select(0, plan.inverse)
-        results.append(flat * flat)
-    return sum_over_shards(plan, results)
+        results.append(flat)
+    if plan.shards is None:
+        return results
+    _, mask = plan.shards
+    squares = sum_over_shards(plan, [r * r for r in results])
+    return [torch.where(mask, torch.sqrt(sq), r) for sq, r in zip(squares, results)]
 
 
 def sum_over_shards(plan: GatherPlan, vectors: list[torch.Tensor]) -> list[torch.Tensor]:

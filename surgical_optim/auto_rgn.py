@@ -20,8 +20,8 @@ and reused.
 
 Edge cases (chosen so that multipliers are always finite and in [0, 1])
 --------------------------------------------------------------------
-* A tensor whose weight norm is 0 (zero-initialised layers, fresh biases) has an unbounded RGN. It
-  gets multiplier 1 when its gradient is non-zero (any step is infinitely large relative to it, and
+* A tensor whose weight norm is 0 (zero-initialised layers, fresh biases) has an unbounded RGN (as
+  has one whose ratio exceeds the float range). It gets multiplier 1 when its gradient is non-zero (any step is infinitely large relative to it, and
   freezing it would stop a zero-initialised head from ever learning), and it does not take part in
   the max, so it cannot squash every other tensor's multiplier to 0.
 * A tensor whose gradient is non-finite gets multiplier 0 and does not take part in the max; its
@@ -41,41 +41,39 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from ._foreach import gather_plan, local_tensor, per_tensor_sq_norms, statistics_dtype
+from ._foreach import gather_plan, local_tensor, per_tensor_norms, statistics_dtype
 from ._wrapper import OptimizerWrapper
 
 __all__ = ["AutoRGN", "rgn_multipliers"]
 
 
 def rgn_multipliers(
-    grad_sq_norms: torch.Tensor,
-    param_sq_norms: torch.Tensor,
+    grad_norms: torch.Tensor,
+    param_norms: torch.Tensor,
     include: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Vectorised RGN with the edge cases of the module docstring.
 
-    Returns ``(rgn, zero_weight, valid)``: the relative gradient norms (0 where not ``valid``), a
-    mask of tensors with zero weight and a non-zero finite gradient, and a mask of tensors whose RGN
-    is finite and meaningful. All on the inputs' device; no host synchronisation.
+    Returns ``(rgn, unbounded)``: the relative gradient norms (0 where not meaningful) and a mask of
+    tensors whose RGN is unbounded (zero weight norm, or a ratio beyond the float range) with a
+    non-zero finite gradient. On the inputs' device; no host synchronisation.
     """
-    grad_finite = torch.isfinite(grad_sq_norms)
-    weight_zero = param_sq_norms == 0
-    valid = include & grad_finite & ~weight_zero & torch.isfinite(param_sq_norms)
-    safe_weight = torch.where(valid, param_sq_norms, torch.ones_like(param_sq_norms))
-    safe_grad = torch.where(valid, grad_sq_norms, torch.zeros_like(grad_sq_norms))
-    rgn = torch.sqrt(safe_grad / safe_weight)
-    rgn = torch.where(torch.isfinite(rgn), rgn, torch.zeros_like(rgn))  # overflow of the ratio
-    zero_weight = include & grad_finite & weight_zero & (grad_sq_norms > 0)
-    return rgn, zero_weight, valid
+    grad_finite = torch.isfinite(grad_norms) & torch.isfinite(param_norms)
+    ratio = grad_norms / torch.where(param_norms > 0, param_norms, torch.ones_like(param_norms))
+    bounded = (param_norms > 0) & torch.isfinite(ratio)
+    usable = include & grad_finite
+    rgn = torch.where(usable & bounded, ratio, torch.zeros_like(ratio))
+    unbounded = usable & ~bounded & (grad_norms > 0)
+    return rgn, unbounded
 
 
-def normalise(rgn: torch.Tensor, zero_weight: torch.Tensor) -> torch.Tensor:
-    """Divide by the largest RGN (so the result is in [0, 1]); zero-weight tensors get 1."""
+def normalise(rgn: torch.Tensor, unbounded: torch.Tensor) -> torch.Tensor:
+    """Divide by the largest RGN (so the result is in [0, 1]); unbounded tensors get 1."""
     largest = rgn.amax() if rgn.numel() else rgn.new_zeros(())
     # max(largest, tiny) keeps 0/0 at 0 when every gradient is zero.
     scaled = rgn / torch.clamp(largest, min=torch.finfo(rgn.dtype).tiny)
     scaled = torch.clamp(scaled, 0.0, 1.0)
-    return torch.where(zero_weight, torch.ones_like(scaled), scaled)
+    return torch.where(unbounded, torch.ones_like(scaled), scaled)
 
 
 class AutoRGN(OptimizerWrapper):
@@ -223,8 +221,8 @@ class AutoRGN(OptimizerWrapper):
 
         grads = [p.grad for p in trained]
         plan = gather_plan(self._plans, tuple(positions), trained, self._device)
-        grad_sq, param_sq = per_tensor_sq_norms(plan, [grads, trained], self._dtype)
-        self._update_multipliers(positions, grad_sq, param_sq)
+        grad_norms, param_norms = per_tensor_norms(plan, [grads, trained], self._dtype)
+        self._update_multipliers(positions, grad_norms, param_norms)
         local = self._multipliers.index_select(0, plan_index(positions, self._plans, self._device))
 
         # Non-finite gradient entries -> 0, so the inner optimizer's state stays finite. Their
@@ -242,14 +240,14 @@ class AutoRGN(OptimizerWrapper):
         return loss if closure is not None else out
 
     def _update_multipliers(
-        self, positions: list[int], grad_sq: torch.Tensor, param_sq: torch.Tensor
+        self, positions: list[int], grad_norms: torch.Tensor, param_norms: torch.Tensor
     ) -> None:
         n = self._multipliers.numel()
         index = plan_index(positions, self._plans, self._device)
-        full_grad = torch.zeros(n, device=self._device, dtype=self._dtype).index_copy_(0, index, grad_sq)
-        full_param = torch.ones(n, device=self._device, dtype=self._dtype).index_copy_(0, index, param_sq)
+        full_grad = torch.zeros(n, device=self._device, dtype=self._dtype).index_copy_(0, index, grad_norms)
+        full_param = torch.ones(n, device=self._device, dtype=self._dtype).index_copy_(0, index, param_norms)
         include = torch.zeros(n, device=self._device, dtype=torch.bool).index_fill_(0, index, True)
-        rgn, zero_weight, _ = rgn_multipliers(full_grad, full_param, include)
+        rgn, zero_weight = rgn_multipliers(full_grad, full_param, include)
         self._rgn_sum.add_(rgn)
         self._zero_weight_any.logical_or_(zero_weight)
         self._window_steps.add_(1)

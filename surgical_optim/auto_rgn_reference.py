@@ -39,8 +39,12 @@ def reference_multipliers(params: list[torch.Tensor]) -> list[float]:
             zero_weight.append(g_norm > 0.0)
         else:
             ratio = g_norm / w_norm
-            rgn.append(ratio if math.isfinite(ratio) else 0.0)
-            zero_weight.append(False)
+            if math.isfinite(ratio):
+                rgn.append(ratio)
+                zero_weight.append(False)
+            else:  # beyond the float range: unbounded, like a zero weight
+                rgn.append(0.0)
+                zero_weight.append(g_norm > 0.0)
     largest = max(rgn) if rgn else 0.0
     out = []
     for r, zw in zip(rgn, zero_weight):
