@@ -41,7 +41,10 @@ class OptimizerWrapper(Optimizer):
             )
         if any("params" in g and len(g["params"]) == 0 for g in optimizer.param_groups):
             raise ValueError("the wrapped optimizer has an empty parameter group")
-        self.optimizer = optimizer
+        # Internally always `self._inner`, never `self.optimizer`: Lightning's LightningOptimizer
+        # proxy subclasses our class and defines its own `optimizer` property (= the wrapper itself),
+        # forwarding unknown attributes such as `_inner` to us.
+        self._inner = optimizer
         # What Optimizer.__init__ sets up besides param groups (we must not re-add the groups).
         self._optimizer_step_pre_hooks: dict[int, Callable] = OrderedDict()
         self._optimizer_step_post_hooks: dict[int, Callable] = OrderedDict()
@@ -54,28 +57,33 @@ class OptimizerWrapper(Optimizer):
 
     # ------------------------------------------------------------------ views of the inner optimizer
     @property
+    def optimizer(self) -> Optimizer:
+        """The wrapped (inner) optimizer."""
+        return self._inner
+
+    @property
     def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
-        return self.optimizer.param_groups
+        return self._inner.param_groups
 
     @param_groups.setter
     def param_groups(self, value: list[dict[str, Any]]) -> None:
-        self.optimizer.param_groups = value
+        self._inner.param_groups = value
 
     @property
     def state(self) -> Any:  # type: ignore[override]
-        return self.optimizer.state
+        return self._inner.state
 
     @state.setter
     def state(self, value: Any) -> None:
-        self.optimizer.state = value
+        self._inner.state = value
 
     @property
     def defaults(self) -> dict[str, Any]:  # type: ignore[override]
-        return self.optimizer.defaults
+        return self._inner.defaults
 
     @defaults.setter
     def defaults(self, value: dict[str, Any]) -> None:
-        self.optimizer.defaults = value
+        self._inner.defaults = value
 
     def params(self) -> list[torch.Tensor]:
         """All parameters in ``param_groups`` order (the order of ``multipliers()``/``mask()``)."""
@@ -87,17 +95,17 @@ class OptimizerWrapper(Optimizer):
 
     # ------------------------------------------------------------------ forwarding
     def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
+        self._inner.zero_grad(set_to_none=set_to_none)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        self.optimizer.add_param_group(param_group)
+        self._inner.add_param_group(param_group)
         self._on_layout_change()
 
     def _on_layout_change(self) -> None:
         """Called when parameters are added or a state dict is loaded; subclasses reset caches."""
 
     def __repr__(self) -> str:
-        inner = "\n".join("    " + line for line in repr(self.optimizer).splitlines())
+        inner = "\n".join("    " + line for line in repr(self._inner).splitlines())
         return f"{type(self).__name__}(\n{inner}\n)"
 
     # pickling/deepcopy: Optimizer.__getstate__ keeps only defaults/state/param_groups, which for a
@@ -144,7 +152,7 @@ class OptimizerWrapper(Optimizer):
         """The inner optimizer's state dict plus this wrapper's state under one extra key."""
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
-        state_dict = dict(self.optimizer.state_dict())
+        state_dict = dict(self._inner.state_dict())
         if self._state_key in state_dict:
             raise RuntimeError(
                 f"{type(self).__name__} is wrapped around another {type(self).__name__}; "
@@ -165,7 +173,7 @@ class OptimizerWrapper(Optimizer):
                 state_dict = result
         state_dict = dict(state_dict)
         wrapper_state = state_dict.pop(self._state_key, None)
-        self.optimizer.load_state_dict(state_dict)
+        self._inner.load_state_dict(state_dict)
         self._on_layout_change()
         if wrapper_state is not None:
             self._load_wrapper_state(wrapper_state)

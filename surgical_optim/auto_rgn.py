@@ -217,7 +217,7 @@ class AutoRGN(OptimizerWrapper):
             trained.append(p)
         if not trained:
             self._multipliers.zero_()
-            return self.optimizer.step(inner_closure) if inner_closure is not None else self.optimizer.step()
+            return self._inner.step(inner_closure) if inner_closure is not None else self._inner.step()
 
         grads = [p.grad for p in trained]
         plan = gather_plan(self._plans, tuple(positions), trained, self._device)
@@ -234,7 +234,7 @@ class AutoRGN(OptimizerWrapper):
         trained_local = [local_tensor(p) for p in trained]
         snapshots = self._snapshot_buffers(positions, trained_local)
         torch._foreach_copy_(snapshots, trained_local)
-        out = self.optimizer.step(inner_closure) if inner_closure is not None else self.optimizer.step()
+        out = self._inner.step(inner_closure) if inner_closure is not None else self._inner.step()
         # p <- lerp(p_new, p_old, 1 - m) = p_old + m (p_new - p_old); lerp is exact at weight 0 and 1.
         self._rescale_updates(plan, trained_local, snapshots, 1.0 - local)
         return loss if closure is not None else out

@@ -297,7 +297,7 @@ class AutoSNR(OptimizerWrapper):
             for p, k in zip(params, keep):
                 if not k:
                     p.grad = None  # neither the weight nor its optimizer state may move
-        out = self.optimizer.step(inner_closure) if inner_closure is not None else self.optimizer.step()
+        out = self._inner.step(inner_closure) if inner_closure is not None else self._inner.step()
         self._step_count += 1
         if collecting and not self._collecting():
             self._finish_estimate()
