@@ -14,7 +14,6 @@ import torch
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 __all__ = [
-    "statistics_dtype",
     "local_tensor",
     "GatherPlan",
     "gather_plan",
@@ -54,11 +53,6 @@ def _shard_group(tensor: torch.Tensor):
             f"fully_shard); got placements {tensor.placements} on a {mesh.ndim}-D mesh (HSDP)"
         )
     return mesh.get_group()
-
-
-def statistics_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
-    """float64 if any tensor is float64 (so double-precision runs stay exact), else float32."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 class GatherPlan:

@@ -102,7 +102,29 @@ class OptimizerWrapper(Optimizer):
         self._on_layout_change()
 
     def _on_layout_change(self) -> None:
-        """Called when parameters are added or a state dict is loaded; subclasses reset caches."""
+        """Parameters were added or a state dict was loaded: re-read the layout, reset statistics."""
+        params = self.params()
+        if not params:
+            raise ValueError("the wrapped optimizer has no parameters")
+        self._params_cache = params
+        self._device = params[0].device
+        # float64 statistics when any parameter is float64 (so double-precision runs stay exact)
+        self._dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+        self._reset_statistics(len(params))
+
+    def _reset_statistics(self, n: int) -> None:
+        """Subclasses allocate their per-parameter statistics for ``n`` parameters."""
+
+    def _current_params(self) -> list[torch.Tensor]:
+        """The parameters for this step; re-reads the layout if someone changed ``param_groups``."""
+        params = self.params()
+        cached = self._params_cache
+        if len(params) != len(cached) or any(a is not b for a, b in zip(params, cached)):
+            self._on_layout_change()
+        return params
+
+    def _inner_step(self, inner_closure: Callable[[], Any] | None) -> Any:
+        return self._inner.step(inner_closure) if inner_closure is not None else self._inner.step()
 
     def __repr__(self) -> str:
         inner = "\n".join("    " + line for line in repr(self._inner).splitlines())

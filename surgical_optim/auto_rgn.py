@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from ._foreach import gather_plan, local_tensor, per_tensor_norms, statistics_dtype
+from ._foreach import gather_plan, local_tensor, per_tensor_norms
 from ._wrapper import OptimizerWrapper
 
 __all__ = ["AutoRGN", "rgn_multipliers"]
@@ -125,15 +125,8 @@ class AutoRGN(OptimizerWrapper):
         self._on_layout_change()
 
     # ------------------------------------------------------------------ layout and buffers
-    def _on_layout_change(self) -> None:
-        params = self.params()
-        if not params:
-            raise ValueError("the wrapped optimizer has no parameters")
-        self._params_cache = params
-        self._device = params[0].device
-        self._dtype = statistics_dtype(params)
-        n = len(params)
-        self._excluded = [self._is_excluded(p) for p in params]
+    def _reset_statistics(self, n: int) -> None:
+        self._excluded = [self._is_excluded(p) for p in self._params_cache]
         self._plans: dict = {}
         # snapshot buffers by parameter position, allocated on first use and reused every step
         self._snapshots: dict[int, torch.Tensor] = {}
@@ -199,11 +192,7 @@ class AutoRGN(OptimizerWrapper):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         loss, inner_closure = self._evaluate_closure(closure)
-        params = self.params()
-        if len(params) != len(self._params_cache) or any(
-            a is not b for a, b in zip(params, self._params_cache)
-        ):
-            self._on_layout_change()
+        params = self._current_params()
 
         positions: list[int] = []
         trained: list[torch.Tensor] = []
@@ -217,7 +206,7 @@ class AutoRGN(OptimizerWrapper):
             trained.append(p)
         if not trained:
             self._multipliers.zero_()
-            return self._inner.step(inner_closure) if inner_closure is not None else self._inner.step()
+            return self._inner_step(inner_closure)
 
         grads = [p.grad for p in trained]
         plan = gather_plan(self._plans, tuple(positions), trained, self._device)
@@ -234,7 +223,7 @@ class AutoRGN(OptimizerWrapper):
         trained_local = [local_tensor(p) for p in trained]
         snapshots = self._snapshot_buffers(positions, trained_local)
         torch._foreach_copy_(snapshots, trained_local)
-        out = self._inner.step(inner_closure) if inner_closure is not None else self._inner.step()
+        out = self._inner_step(inner_closure)
         # p <- lerp(p_new, p_old, 1 - m) = p_old + m (p_new - p_old); lerp is exact at weight 0 and 1.
         self._rescale_updates(plan, trained_local, snapshots, 1.0 - local)
         return loss if closure is not None else out

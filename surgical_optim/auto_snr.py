@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from ._foreach import gather_plan, local_tensor, statistics_dtype, sum_over_shards
+from ._foreach import gather_plan, local_tensor, sum_over_shards
 from ._wrapper import OptimizerWrapper
 from .snr import (
     DEFAULT_EPS,
@@ -108,14 +108,7 @@ class AutoSNR(OptimizerWrapper):
         self._on_layout_change()
 
     # ------------------------------------------------------------------ layout and state
-    def _on_layout_change(self) -> None:
-        params = self.params()
-        if not params:
-            raise ValueError("the wrapped optimizer has no parameters")
-        self._params_cache = params
-        self._device = params[0].device
-        self._dtype = statistics_dtype(params)
-        n = len(params)
+    def _reset_statistics(self, n: int) -> None:
         opts = {"device": self._device, "dtype": self._dtype}
         self._raw_snr = torch.zeros(n, **opts)
         self._mask = torch.ones(n, **opts)
@@ -285,9 +278,7 @@ class AutoSNR(OptimizerWrapper):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         loss, inner_closure = self._evaluate_closure(closure)
-        params = self.params()
-        if len(params) != len(self._params_cache) or any(a is not b for a, b in zip(params, self._params_cache)):
-            self._on_layout_change()
+        params = self._current_params()
         # A mask estimated at the previous step takes effect now.
         keep = self._materialised_host_mask()
         collecting = self._collecting()
@@ -297,7 +288,7 @@ class AutoSNR(OptimizerWrapper):
             for p, k in zip(params, keep):
                 if not k:
                     p.grad = None  # neither the weight nor its optimizer state may move
-        out = self._inner.step(inner_closure) if inner_closure is not None else self._inner.step()
+        out = self._inner_step(inner_closure)
         self._step_count += 1
         if collecting and not self._collecting():
             self._finish_estimate()
