@@ -43,7 +43,7 @@ from .snr import (
     normalise_snr,
     official_eb_criterion,
     per_example_gradient_snr,
-    snr_sums_from_moments,
+    snr_sums_from_moments_,
 )
 
 __all__ = ["AutoSNR"]
@@ -109,6 +109,7 @@ class AutoSNR(OptimizerWrapper):
 
     # ------------------------------------------------------------------ layout and state
     def _reset_statistics(self, n: int) -> None:
+        self._plans: dict = {}
         opts = {"device": self._device, "dtype": self._dtype}
         self._raw_snr = torch.zeros(n, **opts)
         self._mask = torch.ones(n, **opts)
@@ -206,9 +207,9 @@ class AutoSNR(OptimizerWrapper):
             zero = torch.zeros((), device=self._device, dtype=self._dtype)
             sums = [s if s is not None else zero for s in self._sums]
             squares = [s if s is not None else zero for s in self._squares]
-            ratio_sums, sizes = snr_sums_from_moments(sums, squares, self._counts, eps=self.eps)
+            ratio_sums, sizes = snr_sums_from_moments_(sums, squares, self._counts, eps=self.eps)
             # sharded tensors: add the shards' sums and sizes over the mesh (one all-reduce)
-            plan = gather_plan({}, (), self._params_cache, self._device)
+            plan = gather_plan(self._plans, (), self._params_cache, self._device)
             ratio_sums, sizes = sum_over_shards(plan, [ratio_sums.to(self._dtype), sizes.to(self._dtype)])
             raw = ratio_sums / torch.clamp(sizes, min=1.0)
             self._raw_snr.copy_(raw)

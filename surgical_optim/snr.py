@@ -25,7 +25,7 @@ import torch
 __all__ = [
     "DEFAULT_EPS",
     "snr_from_moments",
-    "snr_sums_from_moments",
+    "snr_sums_from_moments_",
     "official_eb_criterion",
     "per_example_gradient_snr",
     "normalise_snr",
@@ -35,7 +35,7 @@ __all__ = [
 DEFAULT_EPS = 1e-6
 
 
-def snr_sums_from_moments(
+def snr_sums_from_moments_(
     sums: Sequence[torch.Tensor],
     sums_of_squares: Sequence[torch.Tensor],
     counts: Sequence[int],
@@ -43,28 +43,39 @@ def snr_sums_from_moments(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per tensor, the sum over elements of the element SNR and the number of elements.
 
-    Sums (not means) so that shards of one tensor can be added up before dividing. Tensors with
-    fewer than 2 samples (no variance estimate) contribute 0. Both vectors are float64 if any input
-    is, else float32, on the first tensor's device; no host synchronisation.
+    **Consumes its inputs**: the moment buffers are overwritten (they are thrown away after an
+    estimate anyway), so the estimate needs no parameter-sized temporaries and runs as a handful of
+    foreach passes. Sums (not means) so that shards of one tensor can be added up before dividing.
+    Tensors with fewer than 2 samples (no variance estimate) contribute 0. Both vectors are float64
+    if any input is, else float32, on the first tensor's device; no host synchronisation (host
+    numbers reach the device only as kernel arguments).
     """
     device = sums[0].device if sums else torch.device("cpu")
     dtype = torch.float64 if any(t.dtype == torch.float64 for t in sums) else torch.float32
-    ratio_sums, sizes = [], []
-    for total, total_sq, count in zip(sums, sums_of_squares, counts):
-        sizes.append(float(total.numel()))
-        if count < 2:
-            ratio_sums.append(torch.zeros((), device=device, dtype=dtype))
-            continue
-        mean = total / count
-        mean_sq = mean * mean
-        variance = torch.clamp((total_sq - count * mean_sq) / (count - 1), min=0.0)
-        denominator = variance + eps * mean_sq
-        safe = torch.where(denominator > 0, denominator, torch.ones_like(denominator))
-        ratio = torch.where(mean_sq > 0, mean_sq / safe, torch.zeros_like(mean_sq))
-        ratio_sums.append(ratio.sum().to(device=device, dtype=dtype))
+    usable = [i for i, count in enumerate(counts) if count >= 2]
+    means = [sums[i] for i in usable]  # becomes mean, then mean^2, then the element SNR
+    spread = [sums_of_squares[i] for i in usable]  # becomes the variance floor-adjusted denominator
+    k = [float(counts[i]) for i in usable]
+    if means:
+        torch._foreach_div_(means, k)
+        # variance = (sum of squares - K mean^2) / (K - 1), clamped at 0 against rounding
+        for buffer, mean, count in zip(spread, means, k):
+            buffer.addcmul_(mean, mean, value=-count)
+        torch._foreach_div_(spread, [count - 1.0 for count in k])
+        torch._foreach_clamp_min_(spread, 0.0)
+        # denominator = variance + eps * mean^2 (caps an element at 1/eps, scale-free)
+        torch._foreach_addcmul_(spread, means, means, eps)
+        torch._foreach_mul_(means, means)
+        torch._foreach_div_(means, spread)  # mean^2 / denominator; 0/0 where the mean is 0
+        for ratio in means:
+            torch.nan_to_num_(ratio, nan=0.0)
+    ratio_sums = [torch.zeros((), device=device, dtype=dtype) for _ in counts]
+    for i, ratio in zip(usable, means):
+        ratio_sums[i] = ratio.sum(dtype=dtype).to(device)
+    sizes = [torch.full((), float(t.numel()), device=device, dtype=dtype) for t in sums]
     if not ratio_sums:
         return torch.zeros(0, dtype=dtype), torch.zeros(0, dtype=dtype)
-    return torch.stack(ratio_sums), torch.tensor(sizes, device=device, dtype=dtype)
+    return torch.stack(ratio_sums), torch.stack(sizes)
 
 
 def snr_from_moments(
@@ -73,8 +84,10 @@ def snr_from_moments(
     counts: Sequence[int],
     eps: float = DEFAULT_EPS,
 ) -> torch.Tensor:
-    """Per-tensor SNR (mean over elements of the element SNR) from running sums of K samples."""
-    ratio_sums, sizes = snr_sums_from_moments(sums, sums_of_squares, counts, eps)
+    """Per-tensor SNR (mean over elements of the element SNR) from running sums of K samples.
+
+    Consumes its inputs, like ``snr_sums_from_moments_``."""
+    ratio_sums, sizes = snr_sums_from_moments_(sums, sums_of_squares, counts, eps)
     return ratio_sums / torch.clamp(sizes, min=1.0)
 
 
