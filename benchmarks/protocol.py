@@ -43,7 +43,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -255,9 +255,20 @@ def split_stages(model: nn.Module, names: Sequence[str] | None = None) -> list[t
         head = [getattr(model, "avgpool", nn.AdaptiveAvgPool2d(1)), nn.Flatten(1), model.fc]
         return [("stem", nn.Sequential(*stem))] + [(n, getattr(model, n)) for n in layers] + [("fc", nn.Sequential(*head))]
     if isinstance(model, nn.Sequential):
-        children = list(model.named_children())
-        if [n for n, _ in children] == names:
-            return children
+        # each child with parameters starts a stage; parameter-free children (activations, pooling)
+        # join the stage before them (or the first stage)
+        stages: list[tuple[str, list[nn.Module]]] = []
+        leading: list[nn.Module] = []
+        for child_name, child in model.named_children():
+            if any(True for _ in child.parameters()):
+                stages.append((child_name, leading + [child]))
+                leading = []
+            elif stages:
+                stages[-1][1].append(child)
+            else:
+                leading.append(child)
+        if [n for n, _ in stages] == names:
+            return [(n, mods[0] if len(mods) == 1 else nn.Sequential(*mods)) for n, mods in stages]
     return None
 
 
@@ -636,7 +647,12 @@ def finetune(
     cfg = config or ProtocolConfig()
     device = torch.device(cfg.device)
     started = time.perf_counter()
-    work = copy.deepcopy(model).to(device)
+    if stages is not None:
+        # copy the model and the caller's stages together, so the stages point into the copy we train
+        work, stages = copy.deepcopy((model, list(stages)))
+        work = work.to(device)  # Module.to is in place: the copied stages move with it
+    else:
+        work = copy.deepcopy(model).to(device)
     if cfg.channels_last:
         work = work.to(memory_format=torch.channels_last)
     names = block_names(work)

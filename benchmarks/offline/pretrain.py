@@ -1,0 +1,141 @@
+"""Pre-train the source model on the source distribution, cached on disk by a hash of its config."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from . import data
+from .model import SmallResNet
+
+__all__ = ["PretrainConfig", "pretrain", "load_or_pretrain", "load_source", "source_model", "config_hash", "atomic_save", "atomic_write_text"]
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    n_train: int = 20000
+    n_val: int = 2000
+    epochs: int = 3
+    batch_size: int = 128
+    lr: float = 3e-3
+    weight_decay: float = 5e-4
+    seed: int = 1_000_003
+    widths: tuple[int, ...] = (16, 32, 64, 128)
+    styles: tuple[int, ...] = data.SOURCE_STYLES
+    cue_agree: float = 0.9
+    absent: float = 0.2
+    version: int = 1  # bump when the data generator or the model changes
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def config_hash(obj: Any, length: int = 16) -> str:
+    """Stable short hash of a JSON-able object."""
+    text = json.dumps(obj, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def atomic_write_bytes(path: Path, payload: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(payload)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def source_model(cfg: PretrainConfig) -> SmallResNet:
+    return SmallResNet(num_classes=data.NUM_CLASSES, widths=cfg.widths)
+
+
+def pretrain(cfg: PretrainConfig, progress: Callable[[int, int, float], None] | None = None) -> tuple[SmallResNet, dict]:
+    """Train from scratch with Adam + cosine schedule; returns (model in eval mode, info)."""
+    torch.manual_seed(cfg.seed)
+    started = time.perf_counter()
+    train = data.sample(cfg.n_train, cfg.seed, styles=cfg.styles, cue_agree=cfg.cue_agree, absent=cfg.absent)
+    val = data.sample(cfg.n_val, cfg.seed + 1, styles=cfg.styles, cue_agree=cfg.cue_agree, absent=cfg.absent)
+    model = source_model(cfg).to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(cfg.n_train / cfg.batch_size)
+    total = cfg.epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.15)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    x, y = train["x"].contiguous(memory_format=torch.channels_last), train["y"]
+    step = 0
+    for epoch in range(cfg.epochs):
+        model.train()
+        order = torch.randperm(cfg.n_train, generator=gen)
+        for start in range(0, cfg.n_train, cfg.batch_size):
+            idx = order[start : start + cfg.batch_size]
+            xb = x[idx]
+            loss = nn.functional.cross_entropy(model(xb), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            if progress is not None:
+                progress(step, total, float(loss.detach()))
+    model.eval()
+    with torch.no_grad():
+        xv = val["x"].contiguous(memory_format=torch.channels_last)
+        acc = float((model(xv).argmax(1) == val["y"]).float().mean())
+    info = {"source_val_acc": acc, "seconds": time.perf_counter() - started, "config": cfg.to_dict()}
+    model = model.to(memory_format=torch.contiguous_format)
+    return model, info
+
+
+def load_or_pretrain(
+    cfg: PretrainConfig, cache_dir: Path, progress: Callable[[int, int, float], None] | None = None
+) -> tuple[Path, dict]:
+    """Path of the cached source checkpoint (pre-training it first if missing) and its info."""
+    key = config_hash(cfg.to_dict())
+    path = Path(cache_dir) / f"source-{key}.pt"
+    if path.exists():
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        info = json.loads(blob["info"])
+        info["cached"] = True
+        return path, info
+    model, info = pretrain(cfg, progress)
+    atomic_save({"state_dict": model.state_dict(), "info": json.dumps(info)}, path)
+    info["cached"] = False
+    return path, info
+
+
+def load_source(path: Path, cfg: PretrainConfig) -> SmallResNet:
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    model = source_model(cfg)
+    model.load_state_dict(blob["state_dict"])
+    return model.eval()

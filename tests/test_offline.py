@@ -1,0 +1,190 @@
+"""The offline reproduction (benchmarks/offline): data, shifts, theory check, and the --quick pipeline."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from benchmarks.offline import data
+from benchmarks.offline.model import SmallResNet
+from benchmarks.offline.pretrain import atomic_write_text, config_hash
+from benchmarks.offline.shifts import SHIFTS, Shift, noise_shifts, perturb_block, target_splits
+from benchmarks.offline.theory import TwoLayerConfig, run_two_layer
+
+SHIFT = {s.name: s for s in SHIFTS}
+IDENTITY = Shift("identity", "none", "the source distribution itself")
+
+
+def test_sample_is_deterministic_and_balanced():
+    a = data.sample(40, 5)
+    b = data.sample(40, 5)
+    c = data.sample(40, 6)
+    for k in a:
+        assert torch.equal(a[k], b[k])
+    assert not torch.equal(a["x"], c["x"])
+    assert a["x"].shape == (40, 3, 32, 32)
+    assert 0.0 <= float(a["x"].min()) and float(a["x"].max()) <= 1.0
+    assert torch.bincount(a["y"], minlength=10).tolist() == [4] * 10
+    assert set(a["style"].tolist()) <= set(data.SOURCE_STYLES)
+
+
+def test_cue_pairing_and_groups():
+    src = data.sample(2000, 1, cue_agree=0.9)
+    agree = (src["cue"] == src["y"]).float().mean()
+    assert 0.85 < float(agree) < 0.95
+    flip = data.sample(2000, 1, cue_agree=0.9, cue_map="shift")
+    majority = flip["cue"] == (flip["y"] + 1) % 10
+    assert torch.equal(flip["group"], (~majority).long())
+    assert torch.equal(flip["cue"][~majority], flip["y"][~majority])  # minority keeps the source pairing
+    none = data.sample(20, 1, cue_agree=None)
+    assert (none["cue"] == -1).all()
+
+
+def test_absent_hides_the_main_shape_only():
+    d = data.sample(200, 3, cue_agree=None, absent=0.5)
+    hidden = d["absent"]
+    assert 0 < int(hidden.sum()) < 200
+    # with neither shape nor cue, a hidden image is background + gradient + faint noise: low variance
+    spread = d["x"].flatten(1).std(1)
+    assert float(spread[hidden].mean()) < float(spread[~hidden].mean())
+
+
+@pytest.mark.parametrize("name", list(data.CORRUPTIONS))
+def test_corruptions_change_pixels_only(name):
+    clean = target_splits(IDENTITY, 0, per_class=2, val_per_class=1, test_per_class=1)
+    bad = target_splits(SHIFT[name], 0, per_class=2, val_per_class=1, test_per_class=1)
+    for split in ("train", "val", "test"):
+        xc, yc = clean[split][:2]
+        xb, yb = bad[split][:2]
+        assert torch.equal(yc, yb)
+        assert xb.shape == xc.shape and not torch.equal(xb, xc)
+        assert torch.equal(xb, data.corrupt(xc, name, _split_seed(0, split)))
+
+
+def _split_seed(seed: int, split: str) -> int:
+    return 7_000_000 + 1000 * seed + 97 * ("train", "val", "test").index(split)
+
+
+def test_label_permutation_changes_labels_only():
+    clean = target_splits(IDENTITY, 1, per_class=2, val_per_class=1, test_per_class=1)
+    perm = target_splits(SHIFT["label_permutation"], 1, per_class=2, val_per_class=1, test_per_class=1)
+    for split in ("train", "val", "test"):
+        assert torch.equal(clean[split][0], perm[split][0])
+        assert torch.equal(perm[split][1], 9 - clean[split][1])
+        assert not (perm[split][1] == clean[split][1]).any()  # a derangement: no-adaptation accuracy 0
+
+
+def test_subpopulation_shift_changes_which_styles_appear():
+    assert set(SHIFT["unseen_styles"].styles).isdisjoint(data.SOURCE_STYLES)
+    d = data.sample(100, 0, styles=SHIFT["unseen_styles"].styles)
+    assert set(d["style"].tolist()) == set(SHIFT["unseen_styles"].styles)
+    assert SHIFT["unseen_styles"].corruption is None and not SHIFT["unseen_styles"].permute_labels
+
+
+def test_spurious_shift_has_groups_on_test_only():
+    sp = target_splits(SHIFT["spurious_flip"], 0, per_class=2, val_per_class=1, test_per_class=10)
+    assert len(sp["train"]) == 2 and len(sp["val"]) == 2 and len(sp["test"]) == 3
+    assert set(sp["test"][2].tolist()) <= {0, 1}
+
+
+def test_shift_kinds():
+    kinds = {s.name: s.kind for s in SHIFTS}
+    assert {k for k in kinds.values()} == {"input", "feature", "output"}
+    assert all(s.kind == "block-noise" for s in noise_shifts({b: 2.0 for b in ("layer1", "layer2", "layer3", "layer4")}))
+
+
+def test_perturb_block_changes_only_that_block():
+    torch.manual_seed(0)
+    model = SmallResNet()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    perturb_block(model, "layer2", 1.0, seed=0)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith("layer2.") for k in changed)
+    assert all("conv" in k or "downsample.0" in k for k in changed)  # weights (dim > 1) only
+
+
+def test_small_resnet_blocks():
+    from surgical_optim import block_names
+
+    model = SmallResNet()
+    assert block_names(model) == ["stem", "layer1", "layer2", "layer3", "layer4", "fc"]
+    n = sum(p.numel() for p in model.parameters())
+    assert 250_000 < n < 350_000
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_two_layer_check_structure_and_last_layer_fixes_label_scaling():
+    out = run_two_layer(TwoLayerConfig(d=6, k=8, ns=(24,), steps=300, seeds=(0, 1, 2), n_eval=500))
+    res = out["results"]
+    assert set(res) == {"input", "output"}
+    by_m = res["output"]["24"]
+    assert set(by_m) == {"none", "first", "last", "all"}
+    # y_t = t y_s is solved exactly by rescaling the last layer
+    assert by_m["last"]["mean"] < 0.05
+    json.dumps(out)
+
+
+def test_atomic_write_and_hash(tmp_path):
+    p = tmp_path / "a" / "b.json"
+    atomic_write_text(p, "{}")
+    assert p.read_text() == "{}"
+    assert list(p.parent.iterdir()) == [p]  # no temp file left behind
+    assert config_hash({"a": 1, "b": 2}) == config_hash({"b": 2, "a": 1})
+    assert config_hash({"a": 1}) != config_hash({"a": 2})
+
+
+def test_quick_pipeline_end_to_end(tmp_path):
+    """`python -m benchmarks.offline --quick` runs end to end and writes every output; a re-run reuses
+    every cached run. (Checks the pipeline, not the science.)"""
+    from benchmarks.offline.__main__ import main
+
+    out = tmp_path / "offline"
+    assert main(["--quick", "--out", str(out), "--no-progress"]) == 0
+    for name in ("table.md", "summary.json", "relative_to_full_ft.png", "auto_rgn_multipliers.png", "block_noise.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    summary = json.loads((out / "summary.json").read_text())
+    assert {e["type"] for e in summary["shifts"].values()} == {"input", "feature", "output"}
+    for entry in summary["shifts"].values():
+        for method in ("none", "all", "stem", "layer1", "layer4", "fc", "auto_rgn", "auto_snr"):
+            m = entry["methods"][method]
+            assert len(m["accs"]) == 1 and {"mean", "stderr"} <= set(m)
+    assert "worst_group" in summary["shifts"]["spurious_flip"]["methods"]["fc"]
+    assert summary["shifts"]["gaussian_noise"]["methods"]["auto_rgn"]["block_multipliers"]
+    assert summary["block_noise"] and summary["two_layer"]["results"]
+    table = (out / "table.md").read_text()
+    assert "| shift |" in table and "**" in table and "worst group" in table
+    assert summary["runs_cached"] == 0
+
+    # second invocation: everything comes from the cache
+    assert main(["--quick", "--out", str(out), "--no-progress", "--workers", "1"]) == 0
+    again = json.loads((out / "summary.json").read_text())
+    assert again["runs_cached"] == again["runs_total"]
+    assert again["shifts"]["blur"]["methods"]["all"]["accs"] == summary["shifts"]["blur"]["methods"]["all"]["accs"]
+
+
+def test_interrupted_run_keeps_finished_runs(tmp_path):
+    """Finished runs are files; deleting one (as if the run had been interrupted) re-runs only it."""
+    from benchmarks.offline.runner import quick_config, run
+
+    cfg = replace(quick_config(str(tmp_path)), workers=1, methods=("none", "fc"), seeds=(0,))
+    first = run(cfg, progress=False, log=lambda *_: None)
+    assert first["runs_cached"] == 0
+    files = sorted((tmp_path / "cache" / "runs").rglob("*.json"))
+    assert len(files) == first["runs_total"]
+    files[0].unlink()
+    second = run(cfg, progress=False, log=lambda *_: None)
+    assert second["runs_cached"] == second["runs_total"] - 1
+
+
+def test_calibrate_noise_picks_from_the_ladder():
+    from benchmarks.offline.shifts import calibrate_noise
+
+    torch.manual_seed(0)
+    model = SmallResNet().eval()
+    first = calibrate_noise(model, ("layer2",), ladder=(1.0, 2.0), target_acc=1.01, n=20)
+    assert first["layer2"]["scale"] == 1.0 and len(first["layer2"]["tried"]) == 1
+    last = calibrate_noise(model, ("layer2",), ladder=(1.0, 2.0), target_acc=0.0, n=20)
+    assert last["layer2"]["scale"] == 2.0 and len(last["layer2"]["tried"]) == 2
