@@ -9,8 +9,6 @@ multipliers and masks equal the unsharded ones.
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -62,11 +60,13 @@ def single_process(kind: str):
     return [p.detach().clone() for p in model.parameters()], history
 
 
-def worker(rank: int, world: int, port: int, mode: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+def worker(rank: int, world: int, mode: str, out_dir: str) -> None:
+    # rendezvous through a file, not a port: no clash with other jobs on the machine
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=world)
     try:
         for kind in sorted(WRAPPERS):  # one process pair for all wrappers: spawning is the slow part
             train_on_half(rank, mode, kind, out_dir)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -96,19 +96,13 @@ def train_on_half(rank: int, mode: str, kind: str, out_dir: str) -> None:
     torch.save({"params": params, "history": history}, f"{out_dir}/{kind}_rank{rank}.pt")
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module", params=["ddp", "fsdp2"])
 def two_rank_results(request, tmp_path_factory):
     mode = request.param
     if mode == "fsdp2":
         pytest.importorskip("torch.distributed.fsdp")
     out_dir = tmp_path_factory.mktemp(mode)
-    mp.spawn(worker, args=(2, free_port(), mode, str(out_dir)), nprocs=2, join=True)
+    mp.spawn(worker, args=(2, mode, str(out_dir)), nprocs=2, join=True)
     return out_dir
 
 
