@@ -9,7 +9,8 @@ Usage (details in benchmarks/README.md)::
 
 Every (method, lr, seed) is one run; each finished run is appended atomically to this shard's JSON-lines file
 (see ``paper_results``); a re-run skips finished runs; ``--shard I/N`` keeps the runs whose index in the
-(deterministic) run list is I modulo N. Fine-tuning itself is ``benchmarks.protocol`` (the shared loop: Adam,
+(deterministic) run list is I modulo N. Under ``torchrun --nproc_per_node K -m benchmarks.paper ...`` every run is
+trained data-parallel on K processes (DDP, see ``benchmarks.protocol``); rank 0 alone writes the results. Fine-tuning itself is ``benchmarks.protocol`` (the shared loop: Adam,
 weight decay 1e-4, batch 64, BatchNorm in eval mode, per-epoch target validation/test evaluation); methods
 are built from ``surgical_optim`` (``select_blocks`` / ``param_groups_by_block``, ``AutoRGN``, ``AutoSNR``).
 """
@@ -420,21 +421,61 @@ def write_report(out: Path, quiet: bool = False) -> str:
     return table
 
 
+def _init_distributed(args) -> tuple[int, int, bool]:
+    """(rank, world size, whether this call created the process group). Under torchrun (``WORLD_SIZE`` > 1)
+    the process group is initialised from the environment: NCCL on CUDA (device ``cuda:LOCAL_RANK``), else
+    gloo; ``args.device`` is updated."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, False
+    import torch.distributed as dist
+
+    cuda = torch.device(args.device).type == "cuda" and torch.cuda.is_available()
+    if cuda:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        args.device = f"cuda:{local_rank}"
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size(), created
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = Path(args.out)
     if args.report:
-        write_report(out, args.quiet)
+        if int(os.environ.get("RANK", "0")) == 0:
+            write_report(out, args.quiet)
         return 0
     if not args.dataset or not args.data_root:
         raise SystemExit("--dataset and --data-root are required (or --report)")
     _finish_args(args)
+    rank, world, created = _init_distributed(args)
+    try:
+        return _sweep(args, out, rank, world)
+    finally:
+        if created:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _sweep(args, out: Path, rank: int, world: int) -> int:
     from tqdm.auto import tqdm
 
+    if rank != 0:
+        args.quiet = True  # progress and messages from rank 0 only
     device = torch.device(args.device)
     variants = dataset_variants(args)
     store = ResultStore(out / "results", args.shard)
     done = store.finished_ids()
+    if world > 1:  # every rank must run the same list: rank 0's view of the finished runs
+        import torch.distributed as dist
+
+        box = [done]
+        dist.broadcast_object_list(box, src=0)
+        done = box[0]
     first = load_variant(args, variants[0])
     source, source_hash = get_source_model(args, first, device)
     if args.pretrain_only:
@@ -496,9 +537,16 @@ def main(argv: list[str] | None = None) -> int:
             "host": socket.gethostname(),
             "torch": torch.__version__,
             "python": platform.python_version(),
+            "world_size": world,
         }
-        store.append(record)
-    write_report(out, args.quiet)
+        if rank == 0:
+            store.append(record)
+    if rank == 0:
+        write_report(out, args.quiet)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # the other ranks wait for rank 0's files
     return 0
 
 

@@ -36,6 +36,14 @@ layout, an ``nn.Sequential``, or an explicit ``stages=`` list), the frozen prefi
 trainable block is run once per split, and only the rest of the network is trained. This is exact
 because BatchNorm is in eval mode and there is no data augmentation. Pass a shared
 :class:`PrefixCache` to :func:`finetune` to reuse the activations across methods on the same data.
+
+Data parallel (DDP): when a ``torch.distributed`` process group with more than one rank is initialised
+(or with ``ProtocolConfig(distributed=True)``), every rank calls :func:`finetune` with the same arguments;
+each rank trains on its contiguous share of every global batch (same seed, same batch order, global batch
+= ``batch_size``), the trained module (the whole copy, or the suffix after a precomputed prefix) is wrapped
+in ``DistributedDataParallel``, the loss is scaled so that the averaged gradient is that of the global
+batch's mean loss, and evaluation is sharded over the ranks (whole batches) and gathered, so every rank
+selects the same (lr, epoch) and returns the same result. The frozen-prefix precompute runs on every rank.
 """
 
 from __future__ import annotations
@@ -48,6 +56,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -112,9 +121,13 @@ class ProtocolConfig:
     min_last_batch: int = 1
     #: a training loss that becomes non-finite ends that lr's run (its later epochs are skipped)
     stop_on_nonfinite: bool = True
+    #: data-parallel training over the initialised process group (DDP); None: whenever one with more than
+    #: one rank is initialised. An execution detail, not a hyperparameter: left out of ``to_dict()``
+    distributed: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        del d["distributed"]
         d["optimizer"] = None if self.optimizer is None else getattr(self.optimizer, "__name__", repr(self.optimizer))
         d["device"] = str(self.device)
         return d
@@ -195,28 +208,117 @@ class _Split:
         return True  # decided per batch
 
     def batches(
-        self, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None, min_last: int = 1
+        self,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        generator: torch.Generator | None = None,
+        min_last: int = 1,
+        shard: tuple[int, int] | None = None,
+        split: bool = True,
     ) -> Iterator[Batch]:
+        """The batches; with ``shard=(rank, world)`` only this rank's part: its contiguous share of every
+        batch (``split``, training: the global batches are unchanged) or every world-th whole batch
+        (evaluation). A share may be empty (a last batch smaller than the world)."""
         if self.tensors is not None:
             x, y, g = self.tensors
             n = len(y)
             order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-            for start in range(0, n, batch_size):
+            for k, start in enumerate(range(0, n, batch_size)):
                 idx = order[start : start + batch_size]
                 if start > 0 and len(idx) < min_last:
                     break
+                if shard is not None:
+                    if split:
+                        idx = idx[_share(len(idx), *shard)]
+                    elif k % shard[1] != shard[0]:
+                        continue
                 yield x[idx], y[idx], None if g is None else g[idx]
             return
         loader = self.loader
         if shuffle and isinstance(self.loader.dataset, Dataset) and getattr(self, "_dataset_batch", None):  # type: ignore[union-attr]
             loader = DataLoader(self.loader.dataset, batch_size=batch_size, shuffle=True, generator=generator)  # type: ignore[union-attr]
+        if shard is not None:
+            loader = _shard_loader(loader, *shard, split)  # type: ignore[arg-type]
+        empty: Batch | None = None
         for item in loader:  # type: ignore[union-attr]
+            if item is None:  # this rank's share of a batch smaller than the world
+                if empty is None:
+                    raise ValueError("a training batch smaller than the number of ranks came first")
+                yield empty
+                continue
             if isinstance(item, dict):
                 xb, yb, gb = item["x"], item["y"], item.get("group")
             else:
                 xb, yb = item[0], item[1]
                 gb = item[2] if len(item) > 2 else None
-            yield xb, torch.as_tensor(yb).long(), None if gb is None else torch.as_tensor(gb).long()
+            batch = (xb, torch.as_tensor(yb).long(), None if gb is None else torch.as_tensor(gb).long())
+            empty = tuple(None if t is None else t[:0] for t in batch)  # type: ignore[assignment]
+            yield batch
+
+
+def _share(n: int, rank: int, world: int) -> slice:
+    """Rank ``rank``'s contiguous share of ``n`` items (sizes differ by at most one, like tensor_split)."""
+    q, r = divmod(n, world)
+    start = rank * q + min(rank, r)
+    return slice(start, start + q + (rank < r))
+
+
+class _ShardedBatches:
+    """A batch sampler's batches, restricted to one rank (see ``_Split.batches``)."""
+
+    def __init__(self, batches: Any, rank: int, world: int, split: bool) -> None:
+        self.batches, self.rank, self.world, self.split = batches, rank, world, split
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for k, batch in enumerate(self.batches):
+            if self.split:
+                batch = list(batch)
+                yield batch[_share(len(batch), self.rank, self.world)]
+            elif k % self.world == self.rank:
+                yield batch
+
+    def __len__(self) -> int:
+        n = len(self.batches)
+        return n if self.split else len(range(self.rank, n, self.world))
+
+
+class _EmptyAsNone:
+    """Collate an empty index list to None (a rank's empty share) instead of failing."""
+
+    def __init__(self, collate: Callable[[list[Any]], Any]) -> None:
+        self.collate = collate
+
+    def __call__(self, items: list[Any]) -> Any:
+        return self.collate(items) if items else None
+
+
+def _shard_loader(loader: DataLoader, rank: int, world: int, split: bool) -> Any:
+    """``loader`` reading only this rank's share of each batch (or its whole batches); the batch sampler
+    (and so the shuffling generator) is the same on every rank."""
+    if loader.batch_sampler is None:  # iterable dataset or no automatic batching: shard after loading
+        def sliced() -> Iterator[Any]:
+            for k, item in enumerate(loader):
+                if split:
+                    n = len(item["y"] if isinstance(item, dict) else item[1])
+                    sl = _share(n, rank, world)
+                    yield {k_: v[sl] for k_, v in item.items()} if isinstance(item, dict) else [t[sl] for t in item]
+                elif k % world == rank:
+                    yield item
+        return sliced()
+    return DataLoader(
+        loader.dataset,
+        batch_sampler=_ShardedBatches(loader.batch_sampler, rank, world, split),
+        num_workers=loader.num_workers,
+        collate_fn=_EmptyAsNone(loader.collate_fn),
+        pin_memory=loader.pin_memory,
+        timeout=loader.timeout,
+        worker_init_fn=loader.worker_init_fn,
+        multiprocessing_context=loader.multiprocessing_context,
+        generator=loader.generator,
+        prefetch_factor=loader.prefetch_factor,
+        persistent_workers=loader.persistent_workers,
+    )
 
 
 class PrefixCache:
@@ -543,13 +645,14 @@ def _evaluate_split(
     batch_size: int,
     device: torch.device,
     channels_last: bool = False,
+    shard: tuple[int, int] | None = None,
 ) -> EvalResult:
     correct = 0.0
     loss_sum = 0.0
     n = 0
     group_correct: dict[int, float] = {}
     group_count: dict[int, int] = {}
-    for xb, yb, gb in split.batches(batch_size, shuffle=False):
+    for xb, yb, gb in split.batches(batch_size, shuffle=False, shard=shard, split=False):
         xb, yb = _to(xb, device, channels_last), yb.to(device)
         logits = forward(xb)
         loss_sum += float(nn.functional.cross_entropy(logits, yb, reduction="sum"))
@@ -562,6 +665,15 @@ def _evaluate_split(
                 sel = gb == gval
                 group_correct[gval] = group_correct.get(gval, 0.0) + float(hit[sel].sum())
                 group_count[gval] = group_count.get(gval, 0) + int(sel.sum())
+    if shard is not None:  # every rank evaluated whole batches of its own: sum the counts in rank order
+        parts: list[Any] = [None] * shard[1]
+        dist.all_gather_object(parts, (correct, loss_sum, n, group_correct, group_count))
+        correct, loss_sum, n = (sum(p[i] for p in parts) for i in range(3))
+        group_correct, group_count = {}, {}
+        for _, _, _, gc, gn in parts:
+            for gval in gn:
+                group_correct[gval] = group_correct.get(gval, 0.0) + gc[gval]
+                group_count[gval] = group_count.get(gval, 0) + gn[gval]
     if n == 0:
         raise ValueError("empty evaluation split")
     result = EvalResult(acc=correct / n, loss=loss_sum / n, n=n)
@@ -587,6 +699,24 @@ def evaluate(model: nn.Module, data: Any, *, batch_size: int = 512, device: str 
 # ------------------------------------------------------------------------------------------ finetune
 def _set_mode(model: nn.Module, bn_eval: bool) -> None:
     model.train(not bn_eval)
+
+
+def _data_parallel(cfg: ProtocolConfig) -> tuple[int, int] | None:
+    """(rank, world size) when this call trains data-parallel (see ``ProtocolConfig.distributed``)."""
+    active = dist.is_available() and dist.is_initialized()
+    wanted = cfg.distributed if cfg.distributed is not None else active and dist.get_world_size() > 1
+    if not wanted:
+        return None
+    if not active:
+        raise RuntimeError("ProtocolConfig(distributed=True) needs an initialised torch.distributed process group")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _wrap_ddp(module: nn.Module, device: torch.device) -> nn.Module:
+    """``module`` in DistributedDataParallel over the parameters that require grad now (DDP registers them
+    at construction; rebuilt when a method changes the set, e.g. gradual unfreezing)."""
+    ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(module, device_ids=ids)
 
 
 def _prefix_split(
@@ -646,6 +776,7 @@ def finetune(
     """
     cfg = config or ProtocolConfig()
     device = torch.device(cfg.device)
+    shard = _data_parallel(cfg)
     started = time.perf_counter()
     if stages is not None:
         # copy the model and the caller's stages together, so the stages point into the copy we train
@@ -699,8 +830,8 @@ def finetune(
     # ---- no adaptation
     if not proto.trains:
         _set_mode(work, True)
-        v = _evaluate_split(forward, splits["val"], cfg.eval_batch_size, device, cfg.channels_last)
-        t = _evaluate_split(forward, splits["test"], cfg.eval_batch_size, device, cfg.channels_last)
+        v = _evaluate_split(forward, splits["val"], cfg.eval_batch_size, device, cfg.channels_last, shard)
+        t = _evaluate_split(forward, splits["test"], cfg.eval_batch_size, device, cfg.channels_last, shard)
         return FinetuneResult(
             method=method_name, seed=seed, lr=None, epoch=0, val_acc=v.acc, val_loss=v.loss, test_acc=t.acc,
             test_loss=t.loss, worst_group_acc=t.worst_group_acc, group_accs=t.group_accs,
@@ -727,18 +858,39 @@ def finetune(
         curve: list[float] = []
         step = 0
         diverged = False
+        ddp: nn.Module | None = None
+        ddp_params: list[nn.Parameter] = []
         for epoch in range(1, cfg.epochs + 1):
             _set_mode(work, cfg.bn_eval)
             run.on_epoch_start(work, optimizer, epoch - 1, cfg.epochs)
+            if shard is not None and not diverged:
+                trained = [p for p in forward.parameters() if p.requires_grad]
+                if ddp is None or [id(p) for p in trained] != [id(p) for p in ddp_params]:
+                    ddp, ddp_params = None, trained
+                    ddp = _wrap_ddp(forward, device)
             if not diverged:
-                for xb, yb, _ in splits["train"].batches(cfg.batch_size, shuffle=True, generator=gen, min_last=cfg.min_last_batch):
+                batches = splits["train"].batches(
+                    cfg.batch_size, shuffle=True, generator=gen, min_last=cfg.min_last_batch, shard=shard
+                )
+                for xb, yb, _ in batches:
                     xb, yb = _to(xb, device, cfg.channels_last), yb.to(device)
                     optimizer.zero_grad(set_to_none=True)
-                    loss = nn.functional.cross_entropy(forward(xb), yb)
+                    if ddp is None:
+                        loss = nn.functional.cross_entropy(forward(xb), yb)
+                        check = loss
+                    else:
+                        # this rank's share of the global batch: DDP averages the gradients over the ranks,
+                        # so scale the shard's summed loss by world / global batch size
+                        loss = nn.functional.cross_entropy(ddp(xb), yb, reduction="sum")
+                        total = torch.stack([loss.detach(), torch.tensor(float(len(yb)), device=loss.device)])
+                        dist.all_reduce(total)
+                        check = total[0] / total[1]
+                        loss = loss * (shard[1] / total[1])  # type: ignore[index]
                     extra = run.penalty(work)
                     if extra is not None:
                         loss = loss + extra
-                    if cfg.stop_on_nonfinite and not torch.isfinite(loss):
+                        check = loss if ddp is None else check + extra.detach()
+                    if cfg.stop_on_nonfinite and not torch.isfinite(check):
                         diverged = True
                         break
                     loss.backward()
@@ -749,7 +901,7 @@ def finetune(
             if diverged:
                 curve.append(float("nan"))
             else:
-                v = _evaluate_split(forward, splits["val"], cfg.eval_batch_size, device, cfg.channels_last)
+                v = _evaluate_split(forward, splits["val"], cfg.eval_batch_size, device, cfg.channels_last, shard)
                 curve.append(v.acc)
                 score = (v.acc, -v.loss if math.isfinite(v.loss) else -math.inf)
                 if best is None or score > best:
@@ -766,7 +918,7 @@ def finetune(
         best_info = {"lr": None, "epoch": 0, "val_acc": float("nan"), "val_loss": float("nan")}
     work.load_state_dict(best_state)
     _set_mode(work, True)
-    t = _evaluate_split(forward, splits["test"], cfg.eval_batch_size, device, cfg.channels_last)
+    t = _evaluate_split(forward, splits["test"], cfg.eval_batch_size, device, cfg.channels_last, shard)
     return FinetuneResult(
         method=method_name, seed=seed, lr=best_info["lr"], epoch=best_info["epoch"], val_acc=best_info["val_acc"],
         val_loss=best_info["val_loss"], test_acc=t.acc, test_loss=t.loss, worst_group_acc=t.worst_group_acc,

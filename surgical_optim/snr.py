@@ -93,7 +93,7 @@ def snr_from_moments(
 
 def official_eb_criterion(grad: torch.Tensor) -> torch.Tensor:
     """The official code's per-batch statistic for one tensor (see the module docstring)."""
-    g = grad.float() if grad.dtype in (torch.float16, torch.bfloat16) else grad
+    g = grad.float() if grad.dtype in (torch.float16, torch.bfloat16) else grad  # sync-ok: a dtype cast, not a host read
     if g.dim() == 0 or g.shape[0] < 2:
         return torch.full((), float("nan"), device=g.device, dtype=g.dtype)
     variance = torch.var(g, dim=0, keepdim=True)
