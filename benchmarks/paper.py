@@ -9,10 +9,11 @@ Usage (details in benchmarks/README.md)::
 
 Every (method, lr, seed) is one run; each finished run is appended atomically to this shard's JSON-lines file
 (see ``paper_results``); a re-run skips finished runs; ``--shard I/N`` keeps the runs whose index in the
-(deterministic) run list is I modulo N. Under ``torchrun --nproc_per_node K -m benchmarks.paper ...`` every run is
-trained data-parallel on K processes (DDP, see ``benchmarks.protocol``); rank 0 alone writes the results. Fine-tuning itself is ``benchmarks.protocol`` (the shared loop: Adam,
-weight decay 1e-4, batch 64, BatchNorm in eval mode, per-epoch target validation/test evaluation); methods
-are built from ``surgical_optim`` (``select_blocks`` / ``param_groups_by_block``, ``AutoRGN``, ``AutoSNR``).
+(deterministic) run list is I modulo N. Under ``torchrun --nproc_per_node K -m benchmarks.paper ...`` every
+run trains data-parallel on K processes (DDP, see ``benchmarks.protocol``) and rank 0 alone writes the results.
+Fine-tuning itself is ``benchmarks.protocol`` (the shared loop: Adam, weight decay 1e-4, batch 64, BatchNorm in
+eval mode, per-epoch target validation/test evaluation); methods are built from ``surgical_optim``
+(``select_blocks`` / ``param_groups_by_block``, ``AutoRGN``, ``AutoSNR``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -428,8 +430,6 @@ def _init_distributed(args) -> tuple[int, int, bool]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1, False
-    import torch.distributed as dist
-
     cuda = torch.device(args.device).type == "cuda" and torch.cuda.is_available()
     if cuda:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -453,11 +453,12 @@ def main(argv: list[str] | None = None) -> int:
     _finish_args(args)
     rank, world, created = _init_distributed(args)
     try:
-        return _sweep(args, out, rank, world)
+        code = _sweep(args, out, rank, world)
+        if world > 1:
+            dist.barrier()  # the other ranks wait for rank 0's files
+        return code
     finally:
         if created:
-            import torch.distributed as dist
-
             dist.destroy_process_group()
 
 
@@ -471,8 +472,6 @@ def _sweep(args, out: Path, rank: int, world: int) -> int:
     store = ResultStore(out / "results", args.shard)
     done = store.finished_ids()
     if world > 1:  # every rank must run the same list: rank 0's view of the finished runs
-        import torch.distributed as dist
-
         box = [done]
         dist.broadcast_object_list(box, src=0)
         done = box[0]
@@ -543,10 +542,6 @@ def _sweep(args, out: Path, rank: int, world: int) -> int:
             store.append(record)
     if rank == 0:
         write_report(out, args.quiet)
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()  # the other ranks wait for rank 0's files
     return 0
 
 

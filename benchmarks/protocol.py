@@ -253,7 +253,8 @@ class _Split:
                 xb, yb = item[0], item[1]
                 gb = item[2] if len(item) > 2 else None
             batch = (xb, torch.as_tensor(yb).long(), None if gb is None else torch.as_tensor(gb).long())
-            empty = tuple(None if t is None else t[:0] for t in batch)  # type: ignore[assignment]
+            if shard is not None:
+                empty = tuple(None if t is None else t[:0] for t in batch)  # type: ignore[assignment]
             yield batch
 
 
