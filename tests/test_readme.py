@@ -36,3 +36,24 @@ def test_versions_agree():
     version = re.search(r'^version = "([^"]+)"', pyproject, flags=re.M).group(1)
     assert surgical_optim.__version__ == version
     assert f"## [{version}]" in (ROOT / "CHANGELOG.md").read_text()
+
+
+def test_quickstart_runs_and_does_what_it_says():
+    """The README quickstart, with pretrained weights swapped for random ones (no download here)."""
+    import torch
+
+    text = (ROOT / "README.md").read_text()
+    code = re.search(r"## Quickstart\n\n```python\n(.+?)\n```", text, flags=re.S).group(1)
+    assert 'weights="DEFAULT"' in code
+    namespace: dict = {}
+    exec(compile(code.replace('weights="DEFAULT"', "weights=None"), "README.md", "exec"), namespace)
+    model, groups, opt = namespace["model"], namespace["groups"], namespace["opt"]
+    assert [g["name"] for g in groups] == ["stem", "layer1"]
+    # the last lines made every block trainable again and wrapped them all
+    assert all(p.requires_grad for p in model.parameters())
+    assert isinstance(opt, torch.optim.Optimizer) and type(opt).__name__ == "AutoRGN"
+    assert [g["name"] for g in opt.param_groups] == ["stem", "layer1", "layer2", "layer3", "layer4", "fc"]
+    model(torch.randn(2, 3, 64, 64)).sum().backward()
+    opt.step()
+    multipliers = opt.multipliers()
+    assert multipliers.max() == 1 and (multipliers >= 0).all()
