@@ -28,8 +28,8 @@ Edge cases (chosen so that multipliers are always finite and in [0, 1])
   gradient's non-finite entries are replaced by 0 before the inner step, so the inner optimizer's
   state stays finite, and the parameter is restored bit-exactly from the snapshot.
 * If every gradient is zero, every multiplier is 0 (nothing to learn from).
-* Tensors without a gradient this step are left to the inner optimizer (which skips them) and get
-  multiplier 0 in ``multipliers()`` for that step.
+* Tensors without a gradient this step are left to the inner optimizer (which skips them); they
+  count as RGN 0 in the current window and, between refreshes, keep their multiplier.
 """
 
 from __future__ import annotations
@@ -243,9 +243,9 @@ class AutoRGN(OptimizerWrapper):
         candidate = normalise(self._rgn_sum / self._window_steps, self._zero_weight_any)
         window_done = self._window_steps >= self.refresh_every
         refresh = window_done | ~self._initialised
-        # tensors without a gradient this step are not updated: report 0 for them
-        updated = torch.where(refresh, candidate, self._multipliers)
-        self._multipliers.copy_(torch.where(include, updated, torch.zeros_like(updated)))
+        # a tensor without a gradient this step contributes RGN 0 to the window; between refreshes
+        # it keeps its multiplier (so refresh_every > 1 does not forget sometimes-idle tensors)
+        self._multipliers.copy_(torch.where(refresh, candidate, self._multipliers))
         self._rgn_sum.mul_(~window_done)
         self._zero_weight_any.logical_and_(~window_done)
         self._window_steps.mul_(~window_done)

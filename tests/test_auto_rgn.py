@@ -322,3 +322,17 @@ def test_reference_helper_agrees_with_hand_computation():
     p.grad, q.grad = torch.tensor([1.0]), torch.tensor([1.0])
     assert reference_multipliers([p, q]) == [0.5, 1.0]
     assert math.isclose(sum(reference_multipliers([p])), 1.0)
+
+
+def test_idle_tensor_keeps_its_multiplier_between_refreshes():
+    a = torch.nn.Parameter(torch.ones(1))
+    b = torch.nn.Parameter(torch.ones(1))
+    opt = AutoRGN(torch.optim.SGD([a, b], lr=0.0), refresh_every=3)
+    a.grad, b.grad = torch.tensor([1.0]), torch.tensor([0.5])
+    opt.step()  # initialises: [1, 0.5]
+    a.grad, b.grad = torch.tensor([1.0]), None  # b idle: no refresh yet, keeps 0.5
+    opt.step()
+    assert opt.multipliers().tolist() == [1.0, 0.5]
+    a.grad, b.grad = torch.tensor([1.0]), torch.tensor([0.5])
+    opt.step()  # refresh from the window mean: a 1.0, b (0.5 + 0 + 0.5) / 3
+    assert opt.multipliers().tolist() == pytest.approx([1.0, 1.0 / 3.0])
