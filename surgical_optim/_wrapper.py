@@ -46,12 +46,12 @@ class OptimizerWrapper(Optimizer):
         # forwarding unknown attributes such as `_inner` to us.
         self._inner = optimizer
         # What Optimizer.__init__ sets up besides param groups (we must not re-add the groups).
-        self._optimizer_step_pre_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_step_post_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_state_dict_pre_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_state_dict_post_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_step_pre_hooks = OrderedDict()  # type: ignore[assignment]
+        self._optimizer_step_post_hooks = OrderedDict()  # type: ignore[assignment]
+        self._optimizer_state_dict_pre_hooks = OrderedDict()  # type: ignore[assignment]
+        self._optimizer_state_dict_post_hooks = OrderedDict()  # type: ignore[assignment]
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()  # type: ignore[assignment]
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()  # type: ignore[assignment]
         self._warned_capturable_if_run_uncaptured = True
         self._patch_step_function()
 

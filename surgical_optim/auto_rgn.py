@@ -130,7 +130,7 @@ class AutoRGN(OptimizerWrapper):
         self._plans: dict = {}
         # snapshot buffers by parameter position, allocated on first use and reused every step
         self._snapshots: dict[int, torch.Tensor] = {}
-        opts = {"device": self._device, "dtype": self._dtype}
+        opts: dict[str, Any] = {"device": self._device, "dtype": self._dtype}
         self._multipliers = torch.zeros(n, **opts)
         self._rgn_sum = torch.zeros(n, **opts)
         self._zero_weight_any = torch.zeros(n, device=self._device, dtype=torch.bool)
@@ -208,7 +208,7 @@ class AutoRGN(OptimizerWrapper):
             self._multipliers.zero_()
             return self._inner_step(inner_closure)
 
-        grads = [p.grad for p in trained]
+        grads = [p.grad for p in trained if p.grad is not None]  # all of them: filtered above
         plan = gather_plan(self._plans, tuple(positions), trained, self._device)
         grad_norms, param_norms = per_tensor_norms(plan, [grads, trained], self._dtype)
         self._update_multipliers(positions, grad_norms, param_norms)

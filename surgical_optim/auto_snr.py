@@ -110,7 +110,7 @@ class AutoSNR(OptimizerWrapper):
     # ------------------------------------------------------------------ layout and state
     def _reset_statistics(self, n: int) -> None:
         self._plans: dict = {}
-        opts = {"device": self._device, "dtype": self._dtype}
+        opts: dict[str, Any] = {"device": self._device, "dtype": self._dtype}
         self._raw_snr = torch.zeros(n, **opts)
         self._mask = torch.ones(n, **opts)
         self._host_mask: list[bool] | None = None  # None: nothing frozen yet
@@ -177,15 +177,18 @@ class AutoSNR(OptimizerWrapper):
                 for i in index:
                     self._counts[i] += 1
             return
-        targets_sum, targets_sq, sources = [], [], []
+        targets_sum: list[torch.Tensor] = []
+        targets_sq: list[torch.Tensor] = []
+        sources: list[torch.Tensor] = []
         for i, g in present:
-            if self._sums[i] is None:
+            total, total_sq = self._sums[i], self._squares[i]
+            if total is None or total_sq is None:
                 dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
-                self._sums[i] = torch.zeros_like(g, dtype=dtype)
-                self._squares[i] = torch.zeros_like(g, dtype=dtype)
-            targets_sum.append(self._sums[i])
-            targets_sq.append(self._squares[i])
-            sources.append(g if g.dtype == self._sums[i].dtype else g.to(self._sums[i].dtype))
+                total = self._sums[i] = torch.zeros_like(g, dtype=dtype)
+                total_sq = self._squares[i] = torch.zeros_like(g, dtype=dtype)
+            targets_sum.append(total)
+            targets_sq.append(total_sq)
+            sources.append(g if g.dtype == total.dtype else g.to(total.dtype))
             self._counts[i] += 1
         if sources:
             torch._foreach_add_(targets_sum, sources)
@@ -272,8 +275,9 @@ class AutoSNR(OptimizerWrapper):
 
     @torch.compiler.disable
     def _take_pending_mask(self) -> None:
-        self._host_mask = self._pending_mask.result()
-        self._pending_mask = None
+        if self._pending_mask is not None:
+            self._host_mask = self._pending_mask.result()
+            self._pending_mask = None
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
