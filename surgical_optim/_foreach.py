@@ -69,7 +69,7 @@ class GatherPlan:
             mask = torch.tensor([g is not None for g in groups], dtype=torch.bool, device=device)
             self.shards = (next(iter(distinct.values())), mask)
         local = [local_tensor(t) for t in tensors]
-        grouped = _group_tensors_by_device_and_dtype([list[torch.Tensor | None](local)], with_indices=True)
+        grouped = _group_tensors_by_device_and_dtype([local], with_indices=True)  # type: ignore[list-item]
         self.groups: list[tuple[torch.device, torch.dtype, list[int]]] = []
         order: list[int] = []
         for (dev, dtype), (_, indices) in grouped.items():
