@@ -153,6 +153,29 @@ class AutoSNR(OptimizerWrapper):
         frozen = sum(p.numel() for p, m in zip(params, mask) if m == 0)
         return frozen / total if total else 0.0
 
+    def block_summary(self) -> list[dict[str, Any]]:
+        """Per param group: name, tensors, how many are trained, the fraction of elements trained and
+        the mean SNR (as ``snr()``), as Python numbers (syncs; not for the hot path)."""
+        mask = self._mask.detach().cpu()  # sync-ok: reporting helper, not step()
+        snr = self.snr().detach().cpu()  # sync-ok: reporting helper, not step()
+        rows, start = [], 0
+        for name, group in self._named_groups():
+            params = group["params"]
+            chunk = slice(start, start + len(params))
+            sizes = [p.numel() for p in params]
+            kept = [m != 0 for m in mask[chunk].tolist()]
+            rows.append(
+                {
+                    "name": name,
+                    "tensors": len(params),
+                    "trained_tensors": sum(kept),
+                    "trained_fraction": sum(n for n, k in zip(sizes, kept) if k) / max(sum(sizes), 1),
+                    "mean_snr": float(snr[chunk].mean()) if params else 0.0,
+                }
+            )
+            start += len(params)
+        return rows
+
     # ------------------------------------------------------------------ estimation
     def _collecting(self) -> bool:
         if self._calibrated_externally:

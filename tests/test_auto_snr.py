@@ -276,3 +276,26 @@ def test_composes_around_auto_rgn():
     assert m.max() == 1
     sd = opt.state_dict()
     assert "surgical_optim.AutoRGN" in sd and "surgical_optim.AutoSNR" in sd
+
+
+def test_block_summary_reports_trained_share_per_group():
+    model = make_model(dtype=torch.float32)
+    groups = [
+        {"params": list(model[0].parameters()), "name": "first"},
+        {"params": list(model[2].parameters()) + list(model[4].parameters()), "name": "rest"},
+    ]
+    opt = AutoSNR(torch.optim.SGD(groups, lr=0.1), threshold=1.0, samples=2)
+    for x, y in batches(2, dtype=torch.float32):
+        opt.zero_grad()
+        backward(model, x, y)
+        opt.step()
+    rows = opt.block_summary()
+    assert [r["name"] for r in rows] == ["first", "rest"]
+    assert [r["tensors"] for r in rows] == [2, 4]
+    assert sum(r["trained_tensors"] for r in rows) == 1  # threshold 1 keeps the single best tensor
+    mask, snr = opt.mask(), opt.snr()
+    expected_first = sum(p.numel() for p, m in zip(model[0].parameters(), mask[:2]) if m) / sum(
+        p.numel() for p in model[0].parameters()
+    )
+    assert rows[0]["trained_fraction"] == pytest.approx(expected_first)
+    assert rows[1]["mean_snr"] == pytest.approx(float(snr[2:].mean()))
