@@ -163,7 +163,7 @@ class AutoSNR(OptimizerWrapper):
             params = group["params"]
             chunk = slice(start, start + len(params))
             sizes = [p.numel() for p in params]
-            kept = [m != 0 for m in mask[chunk].tolist()]
+            kept = [m != 0 for m in mask[chunk].tolist()]  # sync-ok: reporting helper, not step()
             rows.append(
                 {
                     "name": name,
