@@ -204,8 +204,7 @@ class AutoRGN(OptimizerWrapper):
                 continue
             positions.append(i)
             trained.append(p)
-        if not trained:
-            self._multipliers.zero_()
+        if not trained:  # nothing to measure: multipliers stay as they are
             return self._inner_step(inner_closure)
 
         grads = [p.grad for p in trained if p.grad is not None]  # all of them: filtered above

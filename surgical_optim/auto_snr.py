@@ -123,7 +123,6 @@ class AutoSNR(OptimizerWrapper):
         self._squares: list[torch.Tensor | None] = [None] * n
         self._counts = [0] * n
         self._eb_sum = torch.zeros(n, device=self._device, dtype=self._dtype)
-        self._collected = 0
 
     # ------------------------------------------------------------------ public views
     def mask(self) -> torch.Tensor:
@@ -193,12 +192,9 @@ class AutoSNR(OptimizerWrapper):
                     "estimator='official_eb' reproduces the official single-device code; it does not "
                     "support sharded (FSDP2) parameters - use the default estimator"
                 )
-            if present:
-                index, grads = zip(*present)
-                values = torch.stack([official_eb_criterion(g).to(self._device, self._dtype) for g in grads])
-                self._eb_sum.index_add_(0, torch.tensor(index, device=self._device), values)
-                for i in index:
-                    self._counts[i] += 1
+            for i, g in present:  # a few scalar kernels per tensor, during calibration only
+                self._eb_sum[i].add_(official_eb_criterion(g).to(self._dtype))
+                self._counts[i] += 1
             return
         targets_sum: list[torch.Tensor] = []
         targets_sq: list[torch.Tensor] = []
@@ -222,10 +218,10 @@ class AutoSNR(OptimizerWrapper):
     @torch.compiler.disable
     def _finish_estimate(self) -> None:
         if self.estimator == "official_eb":
-            counts = torch.tensor([max(c, 1) for c in self._counts], device=self._device, dtype=self._dtype)
-            raw = torch.where(
-                torch.tensor([c > 0 for c in self._counts], device=self._device), self._eb_sum / counts,
-                torch.full_like(self._eb_sum, float("nan")),
+            # mean over the batches that had a gradient; NaN where none had (host counts: no copy)
+            missing = torch.full((), float("nan"), device=self._device, dtype=self._dtype)
+            raw = torch.stack(
+                [self._eb_sum[i] / count if count else missing for i, count in enumerate(self._counts)]
             )
             self._raw_snr.copy_(raw)
             keep = ~(raw < self.threshold)  # NaN is kept, as the code's `v < 0.95` test does
@@ -358,7 +354,6 @@ class AutoSNR(OptimizerWrapper):
         self._squares = [None if s is None else s.to(p.device) for s, p in zip(state["squares"], params)]
         self._counts = list(state["counts"])
         self._eb_sum.copy_(state["eb_sum"].to(self._eb_sum))
-        self._collected = 0
 
 
 class _HostCopy:

@@ -247,7 +247,7 @@ def test_no_host_synchronisation_inside_auto_rgn_step(kind, foreach):
             torch.ones(1).item()
 
 
-@pytest.mark.parametrize("kind", ["snr", "snr_refresh", "snr_of_rgn"])
+@pytest.mark.parametrize("kind", ["snr", "snr_refresh", "snr_of_rgn", "snr_official"])
 @pytest.mark.parametrize("foreach", [False, True])
 def test_auto_snr_reads_the_host_only_once_per_estimate(kind, foreach):
     """Freezing needs the mask on the host (to drop gradients): one read of n booleans, at the
@@ -262,7 +262,7 @@ def test_auto_snr_reads_the_host_only_once_per_estimate(kind, foreach):
             opt.step()
         if budget["numpy"] == 0:
             reads_at.append(step)
-    estimates_end = {"snr": [2], "snr_refresh": [1, 5, 9], "snr_of_rgn": [2]}[kind]
+    estimates_end = {"snr": [2], "snr_refresh": [1, 5, 9], "snr_of_rgn": [2], "snr_official": [1]}[kind]
     assert reads_at == [s + 1 for s in estimates_end if s + 1 < 10]
 
 
