@@ -118,12 +118,7 @@ def two_ranks(tmp_path_factory):
     return tmp, cli
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_finetune_two_ranks_match_one_process(two_ranks):

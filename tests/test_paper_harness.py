@@ -34,13 +34,7 @@ except ImportError:  # tests/ imported as a package
         _write_waterbirds,
     )
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models on a shared CPU: one intra-op thread is several times faster than oversubscription
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 COMMON = ["--arch", "tiny_cnn", "--epochs", "1", "--lrs", "1e-2,1e-3", "--seeds", "0,1", "--workers", "0",

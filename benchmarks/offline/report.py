@@ -13,6 +13,18 @@ from .runner import BLOCKS, OfflineConfig, Task
 __all__ = ["summarise", "write_outputs", "markdown_table"]
 
 
+def _mean_per_block(runs: list[dict], key: str) -> dict[str, float] | None:
+    """Mean over runs of a per-block diagnostic recorded at each run's selected lr, or None."""
+    per_seed = []
+    for r in runs:
+        diag = r.get("diagnostics", {}).get(str(r["lr"]), {})
+        if key in diag:
+            per_seed.append(diag[key])
+    if not per_seed:
+        return None
+    return {b: sum(d.get(b, 0.0) for d in per_seed) / len(per_seed) for b in per_seed[0]}
+
+
 def _mean_se(values: list[float]) -> tuple[float, float]:
     n = len(values)
     if n == 0:
@@ -49,26 +61,11 @@ def summarise(raw: dict[str, Any]) -> dict[str, Any]:
                 wv = [100.0 * w for w in worst]
                 wm, ws = _mean_se(wv)
                 m["worst_group"] = {"accs": wv, "mean": wm, "stderr": ws}
-            if method == "auto_rgn":
-                per_seed = []
-                for r in runs:
-                    diag = r.get("diagnostics", {}).get(str(r["lr"]), {})
-                    if "block_multipliers" in diag:
-                        per_seed.append(diag["block_multipliers"])
-                if per_seed:
-                    m["block_multipliers"] = {
-                        b: sum(d.get(b, 0.0) for d in per_seed) / len(per_seed) for b in per_seed[0]
-                    }
-            if method == "auto_snr":
-                per_seed = []
-                for r in runs:
-                    diag = r.get("diagnostics", {}).get(str(r["lr"]), {})
-                    if "trained_fraction" in diag:
-                        per_seed.append(diag["trained_fraction"])
-                if per_seed:
-                    m["trained_fraction"] = {
-                        b: sum(d.get(b, 0.0) for d in per_seed) / len(per_seed) for b in per_seed[0]
-                    }
+            # which blocks the automatic methods favoured, averaged over seeds
+            diag_key = {"auto_rgn": "block_multipliers", "auto_snr": "trained_fraction"}.get(method)
+            per_block = _mean_per_block(runs, diag_key) if diag_key else None
+            if per_block is not None:
+                m[diag_key] = per_block
             entry["methods"][method] = m
         tuned = [mm for mm in cfg.methods if mm != "none"]
         entry["best"] = max(tuned, key=lambda mm: entry["methods"][mm]["mean"])
