@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from ._fold import FoldLayout, fold_ready, fold_unsupported_reason, folded_step
 from ._foreach import gather_plan, local_tensor, per_tensor_norms
 from ._wrapper import OptimizerWrapper
 
@@ -90,6 +91,13 @@ class AutoRGN(OptimizerWrapper):
             step, so neither they nor their state move) and do not take part in the max. The
             official code excludes every name containing ``"bn"``. Needs ``model``.
         model: the module whose ``named_parameters()`` give the names for ``exclude``.
+        rescale: how the multipliers reach the update. ``"snapshot"`` works with any optimizer:
+            snapshot the parameters, run the inner step, move each tensor back by ``1 - m`` (one
+            parameter-sized buffer). ``"fold"`` runs torch's SGD/Adam/AdamW update here with
+            ``lr x m`` per tensor on the inner optimizer's own state (no buffer, fewer passes over
+            memory; equal to the snapshot path up to rounding); the inner optimizer's first step,
+            which creates its state, and any step with hooks or a patched ``step`` on the inner
+            optimizer still go through the snapshot path. ``"auto"`` (default) folds where possible.
 
     Use ``scaler.unscale_(wrapper)`` / ``scaler.step(wrapper)`` with a GradScaler: always pass the
     wrapper, never the inner optimizer, to the scaler.
@@ -104,8 +112,22 @@ class AutoRGN(OptimizerWrapper):
         refresh_every: int = 1,
         exclude: str | Iterable[str] | None = None,
         model: torch.nn.Module | None = None,
+        rescale: str = "auto",
     ) -> None:
         super().__init__(optimizer)
+        if rescale not in ("auto", "fold", "snapshot"):
+            raise ValueError(f"rescale must be 'auto', 'fold' or 'snapshot', got {rescale!r}")
+        if rescale == "fold":
+            reason = fold_unsupported_reason(optimizer)
+            if reason is not None:
+                raise ValueError(
+                    f"rescale='fold' needs torch's own SGD, Adam or AdamW without fused/capturable/"
+                    f"differentiable: {reason}. Use rescale='auto' or 'snapshot' (any optimizer)."
+                )
+        self.rescale = rescale
+        # a dict, not a bool attribute: under torch.compile (2.14) an attribute assigned inside a
+        # compiled optimizer step did not survive, while dict mutations are replayed
+        self._last_step = {"folded": False}
         if isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 1:
             raise ValueError(f"refresh_every must be an integer >= 1, got {refresh_every!r}")
         self.refresh_every = refresh_every
@@ -127,6 +149,7 @@ class AutoRGN(OptimizerWrapper):
     # ------------------------------------------------------------------ layout and buffers
     def _reset_statistics(self, n: int) -> None:
         self._excluded = [self._is_excluded(p) for p in self._params_cache]
+        self._has_complex = any(torch.is_complex(p) for p in self._params_cache)
         self._plans: dict = {}
         # snapshot buffers by parameter position, allocated on first use and reused every step
         self._snapshots: dict[int, torch.Tensor] = {}
@@ -155,6 +178,11 @@ class AutoRGN(OptimizerWrapper):
         return buffers
 
     # ------------------------------------------------------------------ public views
+    @property
+    def last_step_folded(self) -> bool:
+        """Whether the last ``step()`` folded the multipliers into the update (see ``rescale``)."""
+        return self._last_step["folded"]
+
     def multipliers(self) -> torch.Tensor:
         """Current multipliers in [0, 1], one per parameter in ``param_groups`` order (a copy)."""
         return self._multipliers.clone()
@@ -205,6 +233,7 @@ class AutoRGN(OptimizerWrapper):
             positions.append(i)
             trained.append(p)
         if not trained:  # nothing to measure: multipliers stay as they are
+            self._last_step["folded"] = False
             return self._inner_step(inner_closure)
 
         grads = [p.grad for p in trained if p.grad is not None]  # all of them: filtered above
@@ -218,6 +247,14 @@ class AutoRGN(OptimizerWrapper):
         for g in grads:
             torch.nan_to_num_(local_tensor(g), nan=0.0, posinf=0.0, neginf=0.0)
 
+        layout = self._fold_layout(positions, trained)
+        self._last_step["folded"] = layout is not None
+        if layout is not None:
+            folded_step(self._inner, layout, trained, local)
+            if self._snapshots:  # the first (state-creating) step used the snapshot path
+                self._snapshots.clear()
+            return loss
+
         # snapshots and rescaling work on local shards (FSDP2) - elementwise, so no communication
         trained_local = [local_tensor(p) for p in trained]
         snapshots = self._snapshot_buffers(positions, trained_local)
@@ -226,6 +263,16 @@ class AutoRGN(OptimizerWrapper):
         # p <- lerp(p_new, p_old, 1 - m) = p_old + m (p_new - p_old); lerp is exact at weight 0 and 1.
         self._rescale_updates(plan, trained_local, snapshots, 1.0 - local)
         return loss if closure is not None else out
+
+    def _fold_layout(self, positions: list[int], trained: list[torch.Tensor]) -> FoldLayout | None:
+        """The layout for folding this step's update, or None to take the snapshot path."""
+        if self.rescale == "snapshot" or self._has_complex or fold_unsupported_reason(self._inner):
+            return None
+        key = ("fold", tuple(positions))
+        layout = self._plans.get(key)
+        if layout is None:
+            layout = self._plans[key] = FoldLayout(self._inner, trained, self._device)
+        return layout if fold_ready(self._inner, layout, trained) else None
 
     def _update_multipliers(
         self, positions: list[int], grad_norms: torch.Tensor, param_norms: torch.Tensor

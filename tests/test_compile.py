@@ -51,6 +51,8 @@ def test_step_compiles_once_and_breaks_only_where_torch_optimizers_do(kind):
         compiled_per_step.append(len(graphs) - before)
     # warm-up (first step, first cached plan, end of AutoSNR's estimate) may compile; then nothing
     assert sum(compiled_per_step[4:]) == 0, compiled_per_step
+    if isinstance(opt, AutoRGN):
+        assert opt.last_step_folded  # the folded AdamW update is what was compiled
     # the only breaks are torch.optim's own deliberate graph_break() around the inner step
     reasons = list(counters["graph_break"])
     assert reasons and all("torch._dynamo.graph_break()" in reason for reason in reasons), reasons
@@ -76,5 +78,7 @@ def test_compiled_step_matches_eager(kind, inner):
             opt.zero_grad()
             model(x).pow(2).mean().backward()
             step()
+    if isinstance(compiled, AutoRGN):
+        assert compiled.last_step_folded and eager.last_step_folded
     for a, b in zip(eager_model.parameters(), compiled_model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

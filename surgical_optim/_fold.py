@@ -1,0 +1,181 @@
+"""Per-tensor learning-rate multipliers folded into torch's own SGD / Adam / AdamW updates.
+
+AutoRGN's general path (snapshot, inner step, lerp back) works for any optimizer but reads and
+writes every parameter twice more than the inner step and keeps one parameter-sized buffer. For the
+three optimizers most people wrap, the update is short enough to run here with a learning rate per
+tensor: the same foreach kernels torch's ``_multi_tensor_*`` functions use, on the inner optimizer's
+own state tensors (so its ``state_dict`` is unchanged and checkpoints move freely between the two
+paths), with ``lr`` replaced by ``lr x m`` for each tensor:
+
+* SGD:   ``p += (-lr m) d``, ``d`` the (Nesterov) momentum direction with weight decay, as torch's;
+* Adam:  ``p += exp_avg / denom'`` with ``denom' = (sqrt(v) / sqrt(bc2) + eps) / (-lr m / bc1)``,
+  which is torch's own capturable formulation; ``m = 0`` gives ``denom' = inf`` and an exact no-op;
+* AdamW: additionally ``p *= 1 - lr m wd`` (decoupled decay, exactly 1 at ``m = 0``).
+
+The result equals running the inner optimizer with learning rate ``lr x m`` per tensor up to
+floating-point rounding (not bit for bit: the multiply order differs). Per-tensor factors are 0-d
+device tensors, so nothing is read on the host except torch's own CPU step counters, which
+``torch.optim.Adam`` reads in the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
+
+from ._foreach import local_tensor
+
+__all__ = ["FOLDABLE", "fold_unsupported_reason", "fold_ready", "FoldLayout", "folded_step"]
+
+FOLDABLE = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
+
+
+def fold_unsupported_reason(inner: Optimizer) -> str | None:
+    """Why the multipliers cannot be folded into ``inner``'s update, or None when they can.
+
+    Only the plain foreach/for-loop variants of torch's SGD, Adam and AdamW (not subclasses, whose
+    update may differ) with Python-number hyperparameters and real parameters qualify.
+    """
+    if type(inner) not in FOLDABLE:
+        return f"{type(inner).__name__} is not exactly torch.optim.SGD, Adam or AdamW"
+    # while tracing, torch.compile itself sets capturable=True on the groups it sees (and may move
+    # step counters to the parameters' device): that is its rewrite of the same update, not the user's
+    flags = ("fused", "differentiable") if torch.compiler.is_compiling() else ("fused", "capturable", "differentiable")
+    for index, group in enumerate(inner.param_groups):
+        for flag in flags:
+            if group.get(flag):
+                return f"param group {index} has {flag}=True"
+        for key in ("lr", "betas", "momentum", "weight_decay", "eps", "dampening"):
+            value = group.get(key)
+            values = value if isinstance(value, tuple) else (value,)
+            if any(torch.is_tensor(v) for v in values):
+                return f"param group {index} has a tensor {key!r}"
+    return None
+
+
+class FoldLayout:
+    """The trained tensors split by param group, then by (device, dtype), as foreach kernels want.
+
+    ``chunks``: (group index, indices into the trained list, the same indices as a long tensor on
+    the multipliers' device). Built once per set of trained tensors and cached by the caller.
+    """
+
+    def __init__(self, inner: Optimizer, trained: Sequence[torch.Tensor], device: torch.device) -> None:
+        group_of = {id(p): gi for gi, group in enumerate(inner.param_groups) for p in group["params"]}
+        by_group: dict[int, list[int]] = {}
+        for i, p in enumerate(trained):
+            by_group.setdefault(group_of[id(p)], []).append(i)
+        self.chunks: list[tuple[int, list[int], torch.Tensor]] = []
+        for gi, members in sorted(by_group.items()):
+            local = [local_tensor(trained[i]) for i in members]
+            grouped = _group_tensors_by_device_and_dtype([local], with_indices=True)  # type: ignore[list-item]
+            for _, (_, positions) in grouped.items():
+                indices = [members[j] for j in positions]
+                self.chunks.append((gi, indices, torch.tensor(indices, dtype=torch.long, device=device)))
+
+
+def fold_ready(inner: Optimizer, layout: FoldLayout, trained: Sequence[torch.Tensor]) -> bool:
+    """True when folding may replace ``inner.step()`` this step: the inner optimizer's state for the
+    trained tensors exists (its own first step creates it), and no hook or wrapper (a scheduler's
+    step counter, a profiler) is attached to the inner step, which folding would skip."""
+    if inner._optimizer_step_pre_hooks or inner._optimizer_step_post_hooks or "step" in inner.__dict__:
+        return False
+    state = inner.state
+    for gi, indices, _ in layout.chunks:
+        if isinstance(inner, torch.optim.SGD):
+            if inner.param_groups[gi]["momentum"] == 0:
+                continue
+            if any(state.get(trained[i], {}).get("momentum_buffer") is None for i in indices):
+                return False
+            continue
+        for i in indices:
+            entry = state.get(trained[i])
+            if entry is None or "exp_avg" not in entry:
+                return False
+            step = entry.get("step")
+            if not torch.is_tensor(step) or (step.device.type != "cpu" and not torch.compiler.is_compiling()):
+                return False
+    return True
+
+
+def folded_step(
+    inner: Optimizer,
+    layout: FoldLayout,
+    trained: Sequence[torch.Tensor],
+    multipliers: torch.Tensor,
+) -> None:
+    """One update of ``inner`` (SGD, Adam or AdamW) with learning rate ``lr x multipliers[i]`` for
+    ``trained[i]``; every tensor in ``trained`` has a gradient and (see ``fold_ready``) a state."""
+    for gi, indices, index in layout.chunks:
+        group = inner.param_groups[gi]
+        params = [trained[i] for i in indices]
+        local_params = [local_tensor(p) for p in params]
+        grads = [local_tensor(p.grad) for p in params]  # type: ignore[arg-type]
+        dtype, device = local_params[0].dtype, local_params[0].device
+        m = multipliers.index_select(0, index)
+        if isinstance(inner, torch.optim.SGD):
+            _sgd(group, inner.state, params, local_params, grads, m, dtype, device)
+        else:
+            decoupled = isinstance(inner, torch.optim.AdamW) or bool(group.get("decoupled_weight_decay"))
+            _adam(group, inner.state, params, local_params, grads, m, dtype, device, decoupled)
+
+
+def _step_value(step: torch.Tensor) -> Any:
+    # a CPU counter, read as torch.optim.Adam reads it; traced as a tensor under torch.compile
+    return step if torch.compiler.is_compiling() else step.item()  # sync-ok: CPU tensor
+
+
+def _sgd(group, state, params, local_params, grads, m, dtype, device) -> None:
+    lr, weight_decay, momentum = group["lr"], group["weight_decay"], group["momentum"]
+    if group["maximize"]:
+        grads = torch._foreach_neg(grads)
+    if weight_decay != 0:
+        grads = torch._foreach_add(grads, local_params, alpha=weight_decay)
+    if momentum != 0:
+        bufs = [local_tensor(state[p]["momentum_buffer"]) for p in params]
+        torch._foreach_mul_(bufs, momentum)
+        torch._foreach_add_(bufs, grads, alpha=1 - group["dampening"])
+        grads = torch._foreach_add(grads, bufs, alpha=momentum) if group["nesterov"] else bufs
+    scales = (m * -lr).to(device=device, dtype=dtype, non_blocking=True)
+    torch._foreach_addcmul_(local_params, grads, list(scales.unbind(0)))
+
+
+def _adam(group, state, params, local_params, grads, m, dtype, device, decoupled: bool) -> None:
+    lr, (beta1, beta2) = group["lr"], group["betas"]
+    eps, weight_decay, amsgrad = group["eps"], group["weight_decay"], group["amsgrad"]
+    entries = [state[p] for p in params]
+    exp_avgs = [local_tensor(e["exp_avg"]) for e in entries]
+    exp_avg_sqs = [local_tensor(e["exp_avg_sq"]) for e in entries]
+    steps = [e["step"] for e in entries]
+    if group["maximize"]:
+        grads = torch._foreach_neg(grads)
+    torch._foreach_add_(steps, 1)
+    if weight_decay != 0:
+        if decoupled:
+            decay = (1 - (lr * weight_decay) * m).to(device=device, dtype=dtype, non_blocking=True)
+            torch._foreach_mul_(local_params, list(decay.unbind(0)))
+        else:
+            grads = torch._foreach_add(grads, local_params, alpha=weight_decay)
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+    del grads
+    step_values = [_step_value(s) for s in steps]
+    if amsgrad:
+        max_sqs = [local_tensor(e["max_exp_avg_sq"]) for e in entries]
+        torch._foreach_maximum_(max_sqs, exp_avg_sqs)
+        denom = torch._foreach_sqrt(max_sqs)
+    else:
+        denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, [(1 - beta2**t) ** 0.5 for t in step_values])
+    torch._foreach_add_(denom, eps)
+    # step size per tensor, -lr m / (1 - beta1^t): 0-d tensors, computed in the statistics' dtype
+    step_sizes = torch._foreach_mul(list(m.unbind(0)), [-lr / (1 - beta1**t) for t in step_values])
+    if m.dtype != dtype or m.device != device:
+        step_sizes = list(torch.stack(step_sizes).to(device=device, dtype=dtype, non_blocking=True).unbind(0))
+    torch._foreach_div_(denom, step_sizes)
+    torch._foreach_addcdiv_(local_params, exp_avgs, denom)
