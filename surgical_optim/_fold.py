@@ -27,7 +27,7 @@ import torch
 from torch.optim import Optimizer
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
-from ._foreach import local_tensor
+from ._foreach import local_tensor, local_tensors
 
 __all__ = ["FOLDABLE", "fold_unsupported_reason", "fold_ready", "FoldLayout", "folded_step"]
 
@@ -70,8 +70,13 @@ class FoldLayout:
         for i, p in enumerate(trained):
             by_group.setdefault(group_of[id(p)], []).append(i)
         self.chunks: list[tuple[int, list[int], torch.Tensor]] = []
+        local_all = [local_tensor(p) for p in trained]
+        #: whether any parameter is a DTensor (FSDP2): then state and gradients are too
+        self.any_dtensor = any(a is not b for a, b in zip(local_all, trained))
+        #: (id of the inner state dict, its size) when the state was last found complete
+        self.ready_for: tuple[int, int] | None = None
         for gi, members in sorted(by_group.items()):
-            local = [local_tensor(trained[i]) for i in members]
+            local = [local_all[i] for i in members]
             grouped = _group_tensors_by_device_and_dtype([local], with_indices=True)  # type: ignore[list-item]
             for _, (_, positions) in grouped.items():
                 indices = [members[j] for j in positions]
@@ -85,6 +90,9 @@ def fold_ready(inner: Optimizer, layout: FoldLayout, trained: Sequence[torch.Ten
     if inner._optimizer_step_pre_hooks or inner._optimizer_step_post_hooks or "step" in inner.__dict__:
         return False
     state = inner.state
+    # state entries are only ever added by steps: same dict and same size -> still complete
+    if layout.ready_for == (id(state), len(state)):
+        return True
     for gi, indices, _ in layout.chunks:
         if isinstance(inner, torch.optim.SGD):
             if inner.param_groups[gi]["momentum"] == 0:
@@ -99,6 +107,7 @@ def fold_ready(inner: Optimizer, layout: FoldLayout, trained: Sequence[torch.Ten
             step = entry.get("step")
             if not torch.is_tensor(step) or (step.device.type != "cpu" and not torch.compiler.is_compiling()):
                 return False
+    layout.ready_for = (id(state), len(state))
     return True
 
 
@@ -113,15 +122,20 @@ def folded_step(
     for gi, indices, index in layout.chunks:
         group = inner.param_groups[gi]
         params = [trained[i] for i in indices]
-        local_params = [local_tensor(p) for p in params]
-        grads = [local_tensor(p.grad) for p in params]  # type: ignore[arg-type]
+        local_params = local_tensors(params, layout.any_dtensor)
+        grads = local_tensors([p.grad for p in params], layout.any_dtensor)  # type: ignore[misc]
         dtype, device = local_params[0].dtype, local_params[0].device
         m = multipliers.index_select(0, index)
         if isinstance(inner, torch.optim.SGD):
-            _sgd(group, inner.state, params, local_params, grads, m, dtype, device)
+            _sgd(group, inner.state, params, local_params, grads, m, dtype, device, layout.any_dtensor)
         else:
             decoupled = isinstance(inner, torch.optim.AdamW) or bool(group.get("decoupled_weight_decay"))
-            _adam(group, inner.state, params, local_params, grads, m, dtype, device, decoupled)
+            _adam(group, inner.state, params, local_params, grads, m, dtype, device, decoupled, layout.any_dtensor)
+
+
+def _step_sizes_on_host(device: torch.device, m: torch.Tensor) -> bool:
+    """CPU parameters and multipliers, eager: step sizes may be read as host scalars (no sync)."""
+    return device.type == "cpu" and m.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def _step_value(step: torch.Tensor) -> Any:
@@ -129,14 +143,14 @@ def _step_value(step: torch.Tensor) -> Any:
     return step if torch.compiler.is_compiling() else step.item()  # sync-ok: CPU tensor
 
 
-def _sgd(group, state, params, local_params, grads, m, dtype, device) -> None:
+def _sgd(group, state, params, local_params, grads, m, dtype, device, any_dtensor: bool) -> None:
     lr, weight_decay, momentum = group["lr"], group["weight_decay"], group["momentum"]
     if group["maximize"]:
         grads = torch._foreach_neg(grads)
     if weight_decay != 0:
         grads = torch._foreach_add(grads, local_params, alpha=weight_decay)
     if momentum != 0:
-        bufs = [local_tensor(state[p]["momentum_buffer"]) for p in params]
+        bufs = local_tensors([state[p]["momentum_buffer"] for p in params], any_dtensor)
         torch._foreach_mul_(bufs, momentum)
         torch._foreach_add_(bufs, grads, alpha=1 - group["dampening"])
         grads = torch._foreach_add(grads, bufs, alpha=momentum) if group["nesterov"] else bufs
@@ -144,12 +158,12 @@ def _sgd(group, state, params, local_params, grads, m, dtype, device) -> None:
     torch._foreach_addcmul_(local_params, grads, list(scales.unbind(0)))
 
 
-def _adam(group, state, params, local_params, grads, m, dtype, device, decoupled: bool) -> None:
+def _adam(group, state, params, local_params, grads, m, dtype, device, decoupled: bool, any_dtensor: bool) -> None:
     lr, (beta1, beta2) = group["lr"], group["betas"]
     eps, weight_decay, amsgrad = group["eps"], group["weight_decay"], group["amsgrad"]
     entries = [state[p] for p in params]
-    exp_avgs = [local_tensor(e["exp_avg"]) for e in entries]
-    exp_avg_sqs = [local_tensor(e["exp_avg_sq"]) for e in entries]
+    exp_avgs = local_tensors([e["exp_avg"] for e in entries], any_dtensor)
+    exp_avg_sqs = local_tensors([e["exp_avg_sq"] for e in entries], any_dtensor)
     steps = [e["step"] for e in entries]
     if group["maximize"]:
         grads = torch._foreach_neg(grads)
@@ -166,15 +180,24 @@ def _adam(group, state, params, local_params, grads, m, dtype, device, decoupled
     del grads
     step_values = [_step_value(s) for s in steps]
     if amsgrad:
-        max_sqs = [local_tensor(e["max_exp_avg_sq"]) for e in entries]
+        max_sqs = local_tensors([e["max_exp_avg_sq"] for e in entries], any_dtensor)
         torch._foreach_maximum_(max_sqs, exp_avg_sqs)
         denom = torch._foreach_sqrt(max_sqs)
     else:
         denom = torch._foreach_sqrt(exp_avg_sqs)
     torch._foreach_div_(denom, [(1 - beta2**t) ** 0.5 for t in step_values])
     torch._foreach_add_(denom, eps)
-    # step size per tensor, -lr m / (1 - beta1^t): 0-d tensors, computed in the statistics' dtype
-    step_sizes = torch._foreach_mul(list(m.unbind(0)), [-lr / (1 - beta1**t) for t in step_values])
+    coefficients = [-lr / (1 - beta1**t) for t in step_values]  # torch's step size, times m below
+    if _step_sizes_on_host(device, m):
+        # No device to synchronise with: torch's per-tensor-scalar overload reads the step sizes
+        # from a CPU tensor (in double, as torch's Python floats), saving a pass over memory; at
+        # m = 1 this is torch's own arithmetic.
+        step_sizes = m.double() * torch.tensor(coefficients, dtype=torch.float64)
+        torch._foreach_addcdiv_(local_params, exp_avgs, denom, step_sizes)
+        return
+    # On an accelerator the step sizes stay 0-d device tensors and go into the denominator, as in
+    # torch's capturable Adam: denom / (-lr m / bc1); m = 0 gives an infinite denominator, a no-op.
+    step_sizes = torch._foreach_mul(list(m.unbind(0)), coefficients)
     if m.dtype != dtype or m.device != device:
         step_sizes = list(torch.stack(step_sizes).to(device=device, dtype=dtype, non_blocking=True).unbind(0))
     torch._foreach_div_(denom, step_sizes)

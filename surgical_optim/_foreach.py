@@ -15,6 +15,7 @@ from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 __all__ = [
     "local_tensor",
+    "local_tensors",
     "GatherPlan",
     "gather_plan",
     "per_tensor_norms",
@@ -33,6 +34,12 @@ def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     if DTensor is not None and isinstance(tensor, DTensor):
         return tensor._local_tensor
     return tensor
+
+
+def local_tensors(tensors: Sequence[torch.Tensor], any_dtensor: bool) -> list[torch.Tensor]:
+    """``local_tensor`` of each; a plain copy of the list when none is a DTensor (the common case,
+    where a per-tensor Python call would cost more than the kernels on small tensors)."""
+    return [local_tensor(t) for t in tensors] if any_dtensor else list(tensors)
 
 
 def _shard_group(tensor: torch.Tensor):
@@ -69,6 +76,8 @@ class GatherPlan:
             mask = torch.tensor([g is not None for g in groups], dtype=torch.bool, device=device)
             self.shards = (next(iter(distinct.values())), mask)
         local = [local_tensor(t) for t in tensors]
+        #: whether any tensor is a DTensor (its local shard must be used for elementwise work)
+        self.any_dtensor = any(a is not b for a, b in zip(local, tensors))
         grouped = _group_tensors_by_device_and_dtype([local], with_indices=True)  # type: ignore[list-item]
         self.groups: list[tuple[torch.device, torch.dtype, list[int]]] = []
         order: list[int] = []
@@ -111,7 +120,7 @@ def per_tensor_norms(
     outputs: list[list[torch.Tensor]] = [[] for _ in lists]
     for dev, tensor_dtype, indices in plan.groups:
         for out, tensors in zip(outputs, lists):
-            group = [local_tensor(tensors[i]) for i in indices]
+            group = local_tensors([tensors[i] for i in indices], plan.any_dtensor)
             if tensor_dtype == dtype:
                 norms = torch._foreach_norm(group, 2)
             else:

@@ -7,16 +7,22 @@ learning rate is ``base lr x multiplier``.
 How the multiplier is applied
 -----------------------------
 Not through ``group["lr"]`` (schedulers own it) and not by scaling the gradient (Adam is invariant to
-that). The wrapper snapshots each parameter, lets the inner optimizer take its ordinary step, then
-moves the parameter back towards the snapshot::
+that). Two paths (``rescale=``), equal up to rounding:
 
-    p <- p_old + m * (p_new - p_old)        (torch.lerp, exact at m = 0 and m = 1)
+* snapshot (any optimizer): snapshot each parameter, let the inner optimizer take its ordinary step,
+  then move the parameter back towards the snapshot::
 
-For every optimizer whose update is linear in the learning rate given its state (SGD with momentum,
-Nesterov and weight decay, Adam, AdamW, RMSprop, Adagrad with ``lr_decay=0``, Lion, ...) this equals
-running the inner optimizer with learning rate ``m x lr`` for that tensor, and the optimizer state
-advances exactly as it would have. The cost is one parameter-sized snapshot buffer, allocated once
-and reused.
+      p <- p_old + m * (p_new - p_old)        (torch.lerp, exact at m = 0 and m = 1)
+
+  For every optimizer whose update is linear in the learning rate given its state (SGD with
+  momentum, Nesterov and weight decay, Adam, AdamW, RMSprop, Adagrad with ``lr_decay=0``, Lion, ...)
+  this equals running the inner optimizer with learning rate ``m x lr`` for that tensor, and the
+  optimizer state advances exactly as it would have. The cost is one parameter-sized snapshot
+  buffer, allocated once and reused.
+* fold (torch's SGD, Adam, AdamW): run their update here with ``lr x m`` per tensor, on the inner
+  optimizer's own state (``_fold.py``): no buffer and two fewer passes over the parameters. The inner
+  optimizer's state-creating first step and steps with hooks on the inner optimizer take the
+  snapshot path.
 
 Edge cases (chosen so that multipliers are always finite and in [0, 1])
 --------------------------------------------------------------------
@@ -26,7 +32,8 @@ Edge cases (chosen so that multipliers are always finite and in [0, 1])
   the max, so it cannot squash every other tensor's multiplier to 0.
 * A tensor whose gradient is non-finite gets multiplier 0 and does not take part in the max; its
   gradient's non-finite entries are replaced by 0 before the inner step, so the inner optimizer's
-  state stays finite, and the parameter is restored bit-exactly from the snapshot.
+  state stays finite, and the parameter keeps its exact value (restored from the snapshot, or left
+  alone by the folded update, where ``m = 0`` is an exact no-op).
 * If every gradient is zero, every multiplier is 0 (nothing to learn from).
 * Tensors without a gradient this step are left to the inner optimizer (which skips them); they
   count as RGN 0 in the current window and, between refreshes, keep their multiplier.
@@ -42,7 +49,7 @@ import torch
 from torch.optim import Optimizer
 
 from ._fold import FoldLayout, fold_ready, fold_unsupported_reason, folded_step
-from ._foreach import gather_plan, local_tensor, per_tensor_norms
+from ._foreach import gather_plan, local_tensors, per_tensor_norms
 from ._wrapper import OptimizerWrapper
 
 __all__ = ["AutoRGN", "rgn_multipliers"]
@@ -244,8 +251,8 @@ class AutoRGN(OptimizerWrapper):
 
         # Non-finite gradient entries -> 0, so the inner optimizer's state stays finite. Their
         # tensors have multiplier 0, so the weights are restored from the snapshot below.
-        for g in grads:
-            torch.nan_to_num_(local_tensor(g), nan=0.0, posinf=0.0, neginf=0.0)
+        for g in local_tensors(grads, plan.any_dtensor):
+            torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
 
         layout = self._fold_layout(positions, trained)
         self._last_step["folded"] = layout is not None
@@ -256,7 +263,7 @@ class AutoRGN(OptimizerWrapper):
             return loss
 
         # snapshots and rescaling work on local shards (FSDP2) - elementwise, so no communication
-        trained_local = [local_tensor(p) for p in trained]
+        trained_local = local_tensors(trained, plan.any_dtensor)
         snapshots = self._snapshot_buffers(positions, trained_local)
         torch._foreach_copy_(snapshots, trained_local)
         out = self._inner_step(inner_closure)

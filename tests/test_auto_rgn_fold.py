@@ -9,6 +9,7 @@ import warnings
 import pytest
 import torch
 
+import surgical_optim._fold as fold_module
 from surgical_optim import AutoRGN
 from surgical_optim.auto_rgn_reference import per_tensor_lr_step
 
@@ -39,8 +40,22 @@ def build(name: str, model: torch.nn.Module, rescale: str) -> AutoRGN:
     return AutoRGN(inner, rescale=rescale)
 
 
-@pytest.mark.parametrize("name", sorted(FOLDABLE))
-def test_folded_update_equals_snapshot_path(name):
+ADAM_PATHS = ["host_step_sizes", "device_step_sizes"]
+
+
+def use_adam_path(path: str, monkeypatch) -> None:
+    """Adam's step sizes: host scalars (CPU) or 0-d tensors in the denominator (accelerators, and
+    under torch.compile); the second is forced here so that it runs on this CPU too."""
+    if path == "device_step_sizes":
+        monkeypatch.setattr(fold_module, "_step_sizes_on_host", lambda device, m: False)
+
+
+CASES = [(name, path) for name in sorted(FOLDABLE) for path in (ADAM_PATHS if "adam" in name else ADAM_PATHS[:1])]
+
+
+@pytest.mark.parametrize("name, adam_path", CASES)
+def test_folded_update_equals_snapshot_path(name, adam_path, monkeypatch):
+    use_adam_path(adam_path, monkeypatch)
     fold_model, snap_model = make_model(), make_model()
     fold, snap = build(name, fold_model, "fold"), build(name, snap_model, "snapshot")
     for step, (x, y) in enumerate(batches(6)):
@@ -82,8 +97,10 @@ def test_folded_update_equals_one_param_group_per_tensor(name):
     assert fold.last_step_folded
 
 
+@pytest.mark.parametrize("adam_path", ADAM_PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_low_precision_fold_tracks_snapshot(dtype):
+def test_low_precision_fold_tracks_snapshot(dtype, adam_path, monkeypatch):
+    use_adam_path(adam_path, monkeypatch)
     fold_model, snap_model = make_model(dtype=dtype), make_model(dtype=dtype)
     fold, snap = build("adamw", fold_model, "fold"), build("adamw", snap_model, "snapshot")
     for x, y in batches(4, dtype=dtype):
@@ -99,7 +116,9 @@ def test_low_precision_fold_tracks_snapshot(dtype):
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 @pytest.mark.parametrize("name", ["sgd_momentum_dampening_wd", "adamw"])
-def test_non_finite_gradient_on_a_folded_step_never_corrupts(bad, name):
+@pytest.mark.parametrize("adam_path", ADAM_PATHS)
+def test_non_finite_gradient_on_a_folded_step_never_corrupts(bad, name, adam_path, monkeypatch):
+    use_adam_path(adam_path, monkeypatch)
     model = make_model()
     opt = AutoRGN(FOLDABLE[name](model.parameters()), rescale="fold")
     data = batches(3)
@@ -120,6 +139,22 @@ def test_non_finite_gradient_on_a_folded_step_never_corrupts(bad, name):
         assert torch.isfinite(p).all()
         for value in opt.state[p].values():
             assert torch.isfinite(value).all()
+
+
+def test_single_tensor_fold_is_bare_adamw_bit_for_bit_on_cpu():
+    """Multiplier 1 with host step sizes is torch's own arithmetic."""
+    torch.manual_seed(0)
+    w1 = torch.nn.Parameter(torch.randn(64, 32))
+    w2 = torch.nn.Parameter(w1.detach().clone())
+    wrapped = AutoRGN(torch.optim.AdamW([w1], lr=1e-2, weight_decay=0.1), rescale="fold")
+    bare = torch.optim.AdamW([w2], lr=1e-2, weight_decay=0.1)
+    for step in range(5):
+        g = torch.randn(64, 32)
+        w1.grad, w2.grad = g.clone(), g.clone()
+        wrapped.step()
+        bare.step()
+        assert torch.equal(w1, w2), step
+    assert wrapped.last_step_folded
 
 
 def test_checkpoints_move_between_fold_and_snapshot():
@@ -202,9 +237,11 @@ def test_hooks_and_schedulers_on_the_inner_optimizer_still_run():
     assert not opt2.last_step_folded
 
 
-def test_folded_adam_step_reads_only_torchs_cpu_step_counters():
+@pytest.mark.parametrize("adam_path", ADAM_PATHS)
+def test_folded_adam_step_reads_only_torchs_cpu_step_counters(adam_path, monkeypatch):
     """No host synchronisation: the only host reads are the CPU step counters that bare
     torch.optim.Adam reads the same way (checked by identity, every other .item() raises)."""
+    use_adam_path(adam_path, monkeypatch)
     model = make_model()
     opt = AutoRGN(torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1))
     data = batches(4)

@@ -43,6 +43,8 @@ def views(opt) -> dict[str, torch.Tensor]:
     for layer in (opt, getattr(opt, "optimizer", None)):
         if isinstance(layer, AutoRGN):
             out["multipliers"] = layer.multipliers()
+            # the folded AdamW update on local shards, as in the single process (from step 2 on)
+            out["folded"] = torch.tensor(layer.last_step_folded)
         if isinstance(layer, AutoSNR):
             out["mask"] = layer.mask()
     return out
