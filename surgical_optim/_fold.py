@@ -27,7 +27,7 @@ import torch
 from torch.optim import Optimizer
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
-from ._foreach import local_tensor, local_tensors
+from ._foreach import host_readable, local_tensor, local_tensors
 
 __all__ = ["FOLDABLE", "fold_unsupported_reason", "fold_ready", "FoldLayout", "folded_step"]
 
@@ -133,11 +133,6 @@ def folded_step(
             _adam(group, inner.state, params, local_params, grads, m, dtype, device, decoupled, layout.any_dtensor)
 
 
-def _step_sizes_on_host(device: torch.device, m: torch.Tensor) -> bool:
-    """CPU parameters and multipliers, eager: step sizes may be read as host scalars (no sync)."""
-    return device.type == "cpu" and m.device.type == "cpu" and not torch.compiler.is_compiling()
-
-
 def _step_value(step: torch.Tensor) -> Any:
     # a CPU counter, read as torch.optim.Adam reads it; traced as a tensor under torch.compile
     return step if torch.compiler.is_compiling() else step.item()  # sync-ok: CPU tensor
@@ -188,7 +183,7 @@ def _adam(group, state, params, local_params, grads, m, dtype, device, decoupled
     torch._foreach_div_(denom, [(1 - beta2**t) ** 0.5 for t in step_values])
     torch._foreach_add_(denom, eps)
     coefficients = [-lr / (1 - beta1**t) for t in step_values]  # torch's step size, times m below
-    if _step_sizes_on_host(device, m):
+    if host_readable(device) and host_readable(m.device):
         # No device to synchronise with: torch's per-tensor-scalar overload reads the step sizes
         # from a CPU tensor (in double, as torch's Python floats), saving a pass over memory; at
         # m = 1 this is torch's own arithmetic.

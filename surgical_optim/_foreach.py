@@ -14,6 +14,7 @@ import torch
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 __all__ = [
+    "host_readable",
     "local_tensor",
     "local_tensors",
     "GatherPlan",
@@ -34,6 +35,13 @@ def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     if DTensor is not None and isinstance(tensor, DTensor):
         return tensor._local_tensor
     return tensor
+
+
+def host_readable(device: torch.device) -> bool:
+    """Whether values on ``device`` may be read on the host in ``step()``: only for the CPU in
+    eager mode, where there is no device to wait for. Reading them there can save a whole pass
+    over memory; on accelerators, and while torch.compile traces, everything stays on the device."""
+    return device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def local_tensors(tensors: Sequence[torch.Tensor], any_dtensor: bool) -> list[torch.Tensor]:

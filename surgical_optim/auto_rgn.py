@@ -49,7 +49,7 @@ import torch
 from torch.optim import Optimizer
 
 from ._fold import FoldLayout, fold_ready, fold_unsupported_reason, folded_step
-from ._foreach import gather_plan, local_tensors, per_tensor_norms
+from ._foreach import gather_plan, host_readable, local_tensors, per_tensor_norms
 from ._wrapper import OptimizerWrapper
 
 __all__ = ["AutoRGN", "rgn_multipliers"]
@@ -250,9 +250,8 @@ class AutoRGN(OptimizerWrapper):
         local = self._multipliers.index_select(0, plan_index(positions, self._plans, self._device))
 
         # Non-finite gradient entries -> 0, so the inner optimizer's state stays finite. Their
-        # tensors have multiplier 0, so the weights are restored from the snapshot below.
-        for g in local_tensors(grads, plan.any_dtensor):
-            torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
+        # tensors have multiplier 0, so their weights do not move.
+        _zero_non_finite(local_tensors(grads, plan.any_dtensor), grad_norms, plan)
 
         layout = self._fold_layout(positions, trained)
         self._last_step["folded"] = layout is not None
@@ -337,6 +336,20 @@ class AutoRGN(OptimizerWrapper):
                     f"{target.numel()} parameters: the checkpoint belongs to a different model"
                 )
             target.copy_(value.to(device=target.device, dtype=target.dtype))
+
+
+def _zero_non_finite(grads: list[torch.Tensor], grad_norms: torch.Tensor, plan: Any) -> None:
+    """Replace non-finite gradient entries by 0 (in place).
+
+    A non-finite entry makes its tensor's norm non-finite. On the CPU the norms are read to touch
+    only those tensors (usually none), which saves a pass over every gradient; elsewhere every
+    gradient goes through ``nan_to_num_``, since choosing would need a host synchronisation.
+    """
+    if host_readable(grad_norms.device) and all(host_readable(dev) for dev, _, _ in plan.groups):
+        suspects = torch.nonzero(~torch.isfinite(grad_norms)).flatten().tolist()  # sync-ok: CPU
+        grads = [grads[i] for i in suspects]
+    for g in grads:
+        torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def plan_index(positions: list[int], cache: dict, device: torch.device) -> torch.Tensor:

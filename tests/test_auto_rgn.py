@@ -138,7 +138,7 @@ def test_zero_weight_tensor_gets_one_and_does_not_squash_others():
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("inner", ["sgd", "adamw"])
-def test_non_finite_gradient_never_corrupts_parameters(bad, inner):
+def test_non_finite_gradient_never_corrupts_parameters(bad, inner, both_paths):
     torch.manual_seed(0)
     a = torch.nn.Parameter(torch.randn(5))
     b = torch.nn.Parameter(torch.randn(3))

@@ -44,10 +44,10 @@ ADAM_PATHS = ["host_step_sizes", "device_step_sizes"]
 
 
 def use_adam_path(path: str, monkeypatch) -> None:
-    """Adam's step sizes: host scalars (CPU) or 0-d tensors in the denominator (accelerators, and
-    under torch.compile); the second is forced here so that it runs on this CPU too."""
+    """On the CPU, Adam's step sizes are host scalars; on accelerators (and under torch.compile) they
+    are 0-d device tensors in the denominator. The second is forced here so that it runs on this CPU."""
     if path == "device_step_sizes":
-        monkeypatch.setattr(fold_module, "_step_sizes_on_host", lambda device, m: False)
+        monkeypatch.setattr(fold_module, "host_readable", lambda device: False)
 
 
 CASES = [(name, path) for name in sorted(FOLDABLE) for path in (ADAM_PATHS if "adam" in name else ADAM_PATHS[:1])]
@@ -116,9 +116,7 @@ def test_low_precision_fold_tracks_snapshot(dtype, adam_path, monkeypatch):
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 @pytest.mark.parametrize("name", ["sgd_momentum_dampening_wd", "adamw"])
-@pytest.mark.parametrize("adam_path", ADAM_PATHS)
-def test_non_finite_gradient_on_a_folded_step_never_corrupts(bad, name, adam_path, monkeypatch):
-    use_adam_path(adam_path, monkeypatch)
+def test_non_finite_gradient_on_a_folded_step_never_corrupts(bad, name, both_paths):
     model = make_model()
     opt = AutoRGN(FOLDABLE[name](model.parameters()), rescale="fold")
     data = batches(3)
@@ -237,11 +235,9 @@ def test_hooks_and_schedulers_on_the_inner_optimizer_still_run():
     assert not opt2.last_step_folded
 
 
-@pytest.mark.parametrize("adam_path", ADAM_PATHS)
-def test_folded_adam_step_reads_only_torchs_cpu_step_counters(adam_path, monkeypatch):
+def test_folded_adam_step_reads_only_torchs_cpu_step_counters(device_paths):
     """No host synchronisation: the only host reads are the CPU step counters that bare
     torch.optim.Adam reads the same way (checked by identity, every other .item() raises)."""
-    use_adam_path(adam_path, monkeypatch)
     model = make_model()
     opt = AutoRGN(torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1))
     data = batches(4)

@@ -233,7 +233,7 @@ def host_sync_forbidden(allowed: dict[str, int] | None = None):
 
 @pytest.mark.parametrize("kind", ["rgn", "rgn_window"])
 @pytest.mark.parametrize("foreach", [False, True])
-def test_no_host_synchronisation_inside_auto_rgn_step(kind, foreach):
+def test_no_host_synchronisation_inside_auto_rgn_step(kind, foreach, device_paths):
     model = make_model()
     opt = WRAPPERS[kind](torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3, foreach=foreach))
     for x, y in data(8):
@@ -249,7 +249,7 @@ def test_no_host_synchronisation_inside_auto_rgn_step(kind, foreach):
 
 @pytest.mark.parametrize("kind", ["snr", "snr_refresh", "snr_of_rgn", "snr_official"])
 @pytest.mark.parametrize("foreach", [False, True])
-def test_auto_snr_reads_the_host_only_once_per_estimate(kind, foreach):
+def test_auto_snr_reads_the_host_only_once_per_estimate(kind, foreach, device_paths):
     """Freezing needs the mask on the host (to drop gradients): one read of n booleans, at the
     step after each estimate, from a copy issued without blocking. Every other step is sync-free."""
     model = make_model()
