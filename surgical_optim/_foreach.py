@@ -9,6 +9,7 @@ host->device copies either.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
@@ -50,39 +51,42 @@ def local_tensors(tensors: Sequence[torch.Tensor], any_dtensor: bool) -> list[to
     return [local_tensor(t) for t in tensors] if any_dtensor else list(tensors)
 
 
-def _shard_group(tensor: torch.Tensor):
-    """The process group over which a DTensor's local values must be summed, or None.
+def _shard_groups(tensor: torch.Tensor) -> tuple:
+    """The process groups over which a DTensor's local values must be summed: one per mesh dimension
+    along which it is sharded (none for plain or replicated tensors).
 
-    FSDP2 shards each parameter along dim 0 of a 1-D mesh: squared norms of the local shards add up
-    to the squared norm of the whole tensor. Replicated tensors need no reduction.
+    FSDP2 shards each parameter along dim 0 of a 1-D mesh; HSDP's 2-D mesh replicates across one
+    dimension and shards along the other, so only the shard dimension's group is summed over (the
+    replicas hold identical values). Squared norms of disjoint shards add up to the whole tensor's.
     """
     if DTensor is None or not isinstance(tensor, DTensor):
-        return None
+        return ()
     mesh = tensor.device_mesh
-    sharded_dims = [i for i, placement in enumerate(tensor.placements) if isinstance(placement, Shard)]
-    if not sharded_dims:
-        return None
-    if mesh.ndim != 1:
-        raise NotImplementedError(
-            "surgical_optim supports DTensor parameters sharded over a 1-D device mesh (FSDP2's "
-            f"fully_shard); got placements {tensor.placements} on a {mesh.ndim}-D mesh (HSDP)"
-        )
-    return mesh.get_group()
+    return tuple(
+        mesh.get_group(mesh_dim=dim) for dim, placement in enumerate(tensor.placements) if isinstance(placement, Shard)
+    )
 
 
 class GatherPlan:
     """How to turn per-(device, dtype) groups back into one vector in the caller's order."""
 
     def __init__(self, tensors: Sequence[torch.Tensor], device: torch.device) -> None:
-        groups = [_shard_group(t) for t in tensors]
-        distinct = {id(g): g for g in groups if g is not None}
-        if len(distinct) > 1:
-            raise NotImplementedError("sharded parameters must all live on one device mesh")
-        #: (process group, mask of sharded entries) when some tensors are DTensor shards
-        self.shards = None
-        if distinct:
-            mask = torch.tensor([g is not None for g in groups], dtype=torch.bool, device=device)
-            self.shards = (next(iter(distinct.values())), mask)
+        per_tensor = [_shard_groups(t) for t in tensors]
+        distinct: dict[int, Any] = {}  # in order of first appearance: the same on every rank
+        for groups in per_tensor:
+            for group in groups:
+                distinct.setdefault(id(group), group)
+        #: per process group to sum over, the mask of the entries sharded over it
+        self.shards: list[tuple[Any, torch.Tensor]] = [
+            (group, torch.tensor([group in groups for groups in per_tensor], dtype=torch.bool, device=device))
+            for group in distinct.values()
+        ]
+        #: entries sharded over any group (None without sharded tensors)
+        self.sharded = (
+            torch.tensor([bool(groups) for groups in per_tensor], dtype=torch.bool, device=device)
+            if self.shards
+            else None
+        )
         local = [local_tensor(t) for t in tensors]
         #: whether any tensor is a DTensor (its local shard must be used for elementwise work)
         self.any_dtensor = any(a is not b for a, b in zip(local, tensors))
@@ -141,24 +145,26 @@ def per_tensor_norms(
         if not plan.single_group_in_order:
             flat = flat.index_select(0, plan.inverse)
         results.append(flat)
-    if plan.shards is None:
+    if plan.sharded is None:
         return results
-    _, mask = plan.shards
     squares = sum_over_shards(plan, [r * r for r in results])
-    return [torch.where(mask, torch.sqrt(sq), r) for sq, r in zip(squares, results)]
+    return [torch.where(plan.sharded, torch.sqrt(sq), r) for sq, r in zip(squares, results)]
 
 
 def sum_over_shards(plan: GatherPlan, vectors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Sum the sharded entries of per-tensor vectors over the shard group: one all-reduce in all.
+    """Sum the sharded entries of per-tensor vectors over their shard groups: one all-reduce per
+    group for all vectors together (FSDP2 and HSDP: one in all).
 
-    Values of unsharded (plain or replicated) tensors are left as they are. Collectives are
-    asynchronous on the device, so this adds no host synchronisation.
+    Values of unsharded (plain or replicated) tensors are left as they are. A tensor sharded along
+    several mesh dimensions is summed over each in turn, which adds up all its disjoint shards.
+    Collectives are asynchronous on the device, so this adds no host synchronisation.
     """
-    if plan.shards is None or not vectors:
+    if not plan.shards or not vectors:
         return vectors
     import torch.distributed as dist
 
-    group, mask = plan.shards
-    stacked = torch.stack([torch.where(mask, v, torch.zeros_like(v)) for v in vectors])
-    dist.all_reduce(stacked, op=dist.ReduceOp.SUM, group=group)
-    return [torch.where(mask, reduced, v) for reduced, v in zip(stacked.unbind(0), vectors)]
+    for group, mask in plan.shards:
+        stacked = torch.stack([torch.where(mask, v, torch.zeros_like(v)) for v in vectors])
+        dist.all_reduce(stacked, op=dist.ReduceOp.SUM, group=group)
+        vectors = [torch.where(mask, reduced, v) for reduced, v in zip(stacked.unbind(0), vectors)]
+    return vectors

@@ -1,10 +1,12 @@
-"""DDP and FSDP2: two processes on loopback (gloo, CPU) against single-process training.
+"""DDP, FSDP2 and HSDP: processes on loopback (gloo, CPU) against single-process training.
 
-Each worker trains on its half of every global batch and saves what it saw; the test compares with a
-single process that trains on the whole batch. Under DDP the gradients are all-reduced before
-``step()``, so every rank computes the same statistics. Under FSDP2 parameters are DTensor shards:
-the wrappers sum squared local norms (and SNR sums) over the mesh with one all-reduce, so the
-multipliers and masks equal the unsharded ones.
+Each worker trains on its share of every global batch and saves what it saw; the test compares with
+a single process that trains on the whole batch. Under DDP (two ranks) the gradients are all-reduced
+before ``step()``, so every rank computes the same statistics. Under FSDP2 (two ranks, a 1-D mesh)
+parameters are DTensor shards: the wrappers sum squared local norms (and SNR sums) over the mesh with
+one all-reduce, so the multipliers and masks equal the unsharded ones. HSDP (four ranks, a 2 x 2 mesh:
+replicate x shard) must sum over the shard dimension only; summing over all four ranks would count
+every shard twice.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from surgical_optim import AutoRGN, AutoSNR
+from surgical_optim._foreach import GatherPlan, per_tensor_norms
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
 
@@ -35,7 +38,10 @@ def make_model() -> torch.nn.Module:
 
 def global_batches():
     g = torch.Generator().manual_seed(7)
-    return [(torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(STEPS)]
+    return [
+        (torch.randn(GLOBAL_BATCH, 6, generator=g), torch.randint(0, 3, (GLOBAL_BATCH,), generator=g))
+        for _ in range(STEPS)
+    ]
 
 
 def views(opt) -> dict[str, torch.Tensor]:
@@ -62,62 +68,80 @@ def single_process(kind: str):
     return [p.detach().clone() for p in model.parameters()], history
 
 
+WORLD = {"ddp": 2, "fsdp2": 2, "hsdp": 4}
+GLOBAL_BATCH = 8
+
+
 def worker(rank: int, world: int, mode: str, out_dir: str) -> None:
     # rendezvous through a file, not a port: no clash with other jobs on the machine
     dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=world)
     try:
         for kind in sorted(WRAPPERS):  # one process pair for all wrappers: spawning is the slow part
-            train_on_half(rank, mode, kind, out_dir)
+            train_on_share(rank, world, mode, kind, out_dir)
         dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
-def train_on_half(rank: int, mode: str, kind: str, out_dir: str) -> None:
+def train_on_share(rank: int, world: int, mode: str, kind: str, out_dir: str) -> None:
     model = make_model()
     if mode == "ddp":
         model = torch.nn.parallel.DistributedDataParallel(model)
     else:
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
+        if mode == "fsdp2":
+            mesh = init_device_mesh("cpu", (world,))
+        else:
+            mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
         for layer in model:
             if isinstance(layer, torch.nn.Linear):
-                fully_shard(layer)
-        fully_shard(model)
+                fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
     opt = WRAPPERS[kind](torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1))
     history = []
     for x, y in global_batches():
-        half = slice(rank * 4, rank * 4 + 4)
+        share = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
         opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x[half]), y[half]).backward()
+        torch.nn.functional.cross_entropy(model(x[share]), y[share]).backward()
         opt.step()
         history.append(views(opt))
     params = []
     for p in model.parameters():
         params.append(p.full_tensor().detach().clone() if hasattr(p, "full_tensor") else p.detach().clone())
-    torch.save({"params": params, "history": history}, f"{out_dir}/{kind}_rank{rank}.pt")
+    # the statistics are ratios, blind to a shard counted twice (both norms would double): check the
+    # norms themselves, as the wrappers compute them from local shards
+    trained = list(model.parameters())
+    plan = GatherPlan(trained, torch.device("cpu"))
+    (norms,) = per_tensor_norms(plan, [trained], torch.float32)
+    torch.save({"params": params, "history": history, "norms": norms}, f"{out_dir}/{kind}_rank{rank}.pt")
 
 
-@pytest.fixture(scope="module", params=["ddp", "fsdp2"])
-def two_rank_results(request, tmp_path_factory):
+@pytest.fixture(scope="module", params=sorted(WORLD))
+def rank_results(request, tmp_path_factory):
     mode = request.param
-    if mode == "fsdp2":
+    if mode != "ddp":
         pytest.importorskip("torch.distributed.fsdp")
     out_dir = tmp_path_factory.mktemp(mode)
-    mp.spawn(worker, args=(2, mode, str(out_dir)), nprocs=2, join=True)
-    return out_dir
+    mp.spawn(worker, args=(WORLD[mode], mode, str(out_dir)), nprocs=WORLD[mode], join=True)
+    return out_dir, WORLD[mode]
 
 
 @pytest.mark.parametrize("kind", sorted(WRAPPERS))
-def test_two_ranks_match_single_process(kind, two_rank_results):
+def test_ranks_match_single_process(kind, rank_results):
+    out_dir, world = rank_results
     expected_params, expected_history = single_process(kind)
-    ranks = [torch.load(two_rank_results / f"{kind}_rank{r}.pt", weights_only=True) for r in range(2)]
+    ranks = [torch.load(out_dir / f"{kind}_rank{r}.pt", weights_only=True) for r in range(world)]
     for step, expected in enumerate(expected_history):
         for key, value in expected.items():
             # every rank holds identical statistics ...
-            assert torch.equal(ranks[0]["history"][step][key], ranks[1]["history"][step][key]), (step, key)
+            for other in ranks[1:]:
+                assert torch.equal(ranks[0]["history"][step][key], other["history"][step][key]), (step, key)
             # ... equal to the unsharded, single-process ones
             torch.testing.assert_close(ranks[0]["history"][step][key], value, rtol=1e-4, atol=1e-6)
     for rank in ranks:
         for got, want in zip(rank["params"], expected_params):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        expected_norms = torch.stack([p.norm() for p in rank["params"]])
+        torch.testing.assert_close(rank["norms"], expected_norms, rtol=1e-5, atol=1e-6)
