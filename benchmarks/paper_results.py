@@ -213,8 +213,8 @@ def summarise(records: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, 
             for seed, ps in sorted(by_seed.items()):
                 if len(ps) != len(names):
                     continue
-                avg = lambda k: (None if any(p.get(k) is None for p in ps)  # noqa: E731
-                                 else sum(p[k] for p in ps) / len(ps))
+                avg = lambda k, ps=ps: (None if any(p.get(k) is None for p in ps)  # noqa: E731
+                                        else sum(p[k] for p in ps) / len(ps))
                 picks.append({"seed": seed, "test_acc": avg("test_acc"), "test_worst": avg("test_worst"),
                               "lr": None, "variants": len(ps)})
             if picks:

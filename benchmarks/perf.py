@@ -488,61 +488,69 @@ def section_official(cfg: Config, device: torch.device, timer: Timer, log) -> li
 def section_train_step(cfg: Config, device: torch.device, timer: Timer, log) -> list[dict]:
     rows = []
     for model_name, size, batch in cfg.train_models:
-        torch.manual_seed(0)
-        model = build_model(model_name).to(device).eval()
-        params = [p for p in model.parameters() if p.requires_grad]
-        gen = torch.Generator().manual_seed(1)
-        x = torch.randn(batch, 3, size, size, generator=gen).to(device)
-        with torch.no_grad():
-            classes = model(x[:1]).shape[1]
-        model.train()
-        y = torch.randint(0, classes, (batch,), generator=gen).to(device)
-        inner = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2, foreach=True)
-        rgn = AutoRGN(inner)
-        rgn_snapshot = AutoRGN(inner, rescale="snapshot")
-        snr = AutoSNR(inner, threshold=cfg.snr_threshold, samples=cfg.samples)
-        step_times: dict[str, list[float]] = {"bare": [], "AutoRGN": [], "AutoRGN snapshot": [], "AutoSNR": []}
+        rows += train_step_rows(model_name, size, batch, cfg, device, timer, log)
+    return rows
 
-        def train_step(opt: torch.optim.Optimizer, name: str, guard: str | None, record: bool = True) -> None:
-            opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            timer.sync()
-            start = time.perf_counter()
-            with timer.guard(guard if record else None):
-                opt.step()
-            timer.sync()
-            if record:
-                step_times[name].append(time.perf_counter() - start)
 
-        for _ in range(2):  # warm-up (inner state, snapshots), then AutoSNR's calibration
-            train_step(inner, "bare", None, False)
-            train_step(rgn, "AutoRGN", None, False)
-            train_step(rgn_snapshot, "AutoRGN snapshot", None, False)
-        for _ in range(cfg.samples + 1):
-            train_step(snr, "AutoSNR", None, False)
-        variants = [
-            Variant("bare", lambda: train_step(inner, "bare", None)),
-            Variant("AutoRGN", lambda: train_step(rgn, "AutoRGN", "train_step:AutoRGN")),
-            Variant("AutoRGN snapshot",
-                    lambda: train_step(rgn_snapshot, "AutoRGN snapshot", "train_step:AutoRGN snapshot")),
-            Variant("AutoSNR", lambda: train_step(snr, "AutoSNR", "train_step:AutoSNR")),
-        ]
-        times = interleave(variants, cfg.repeats, timer)
-        summary = summarise(times, "bare")
-        whole_bare = summary["bare"]["median_ms"] / 1e3
-        bare_step = statistics.median(step_times["bare"])
-        for name, s in summary.items():
-            step_median = statistics.median(step_times[name])
-            rows.append({
-                "model": model_name, "input": f"{batch}x3x{size}x{size}", "variant": name, **s,
-                "step_part_ms": step_median * 1e3,
-                # (wrapper step - bare step) / bare whole step: the overhead with less noise than the
-                # whole-step ratio, since forward/backward noise cancels out
-                "derived_overhead": (step_median - bare_step) / whole_bare,
-            })
-        log(f"train_step {model_name}: " + ", ".join(f"{n} {s['ratio']:.3f}x" for n, s in summary.items()))
-        del variants, rgn, rgn_snapshot, snr, inner, model
+def train_step_rows(
+    model_name: str, size: int, batch: int, cfg: Config, device: torch.device, timer: Timer, log
+) -> list[dict]:
+    """Whole training steps of one model, bare and wrapped, interleaved."""
+    rows = []
+    torch.manual_seed(0)
+    model = build_model(model_name).to(device).eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 3, size, size, generator=gen).to(device)
+    with torch.no_grad():
+        classes = model(x[:1]).shape[1]
+    model.train()
+    y = torch.randint(0, classes, (batch,), generator=gen).to(device)
+    inner = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2, foreach=True)
+    rgn = AutoRGN(inner)
+    rgn_snapshot = AutoRGN(inner, rescale="snapshot")
+    snr = AutoSNR(inner, threshold=cfg.snr_threshold, samples=cfg.samples)
+    step_times: dict[str, list[float]] = {"bare": [], "AutoRGN": [], "AutoRGN snapshot": [], "AutoSNR": []}
+
+    def train_step(opt: torch.optim.Optimizer, name: str, guard: str | None, record: bool = True) -> None:
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        timer.sync()
+        start = time.perf_counter()
+        with timer.guard(guard if record else None):
+            opt.step()
+        timer.sync()
+        if record:
+            step_times[name].append(time.perf_counter() - start)
+
+    for _ in range(2):  # warm-up (inner state, snapshots), then AutoSNR's calibration
+        train_step(inner, "bare", None, False)
+        train_step(rgn, "AutoRGN", None, False)
+        train_step(rgn_snapshot, "AutoRGN snapshot", None, False)
+    for _ in range(cfg.samples + 1):
+        train_step(snr, "AutoSNR", None, False)
+    variants = [
+        Variant("bare", lambda: train_step(inner, "bare", None)),
+        Variant("AutoRGN", lambda: train_step(rgn, "AutoRGN", "train_step:AutoRGN")),
+        Variant("AutoRGN snapshot",
+                lambda: train_step(rgn_snapshot, "AutoRGN snapshot", "train_step:AutoRGN snapshot")),
+        Variant("AutoSNR", lambda: train_step(snr, "AutoSNR", "train_step:AutoSNR")),
+    ]
+    times = interleave(variants, cfg.repeats, timer)
+    summary = summarise(times, "bare")
+    whole_bare = summary["bare"]["median_ms"] / 1e3
+    bare_step = statistics.median(step_times["bare"])
+    for name, s in summary.items():
+        step_median = statistics.median(step_times[name])
+        rows.append({
+            "model": model_name, "input": f"{batch}x3x{size}x{size}", "variant": name, **s,
+            "step_part_ms": step_median * 1e3,
+            # (wrapper step - bare step) / bare whole step: the overhead with less noise than the
+            # whole-step ratio, since forward/backward noise cancels out
+            "derived_overhead": (step_median - bare_step) / whole_bare,
+        })
+    log(f"train_step {model_name}: " + ", ".join(f"{n} {s['ratio']:.3f}x" for n, s in summary.items()))
     return rows
 
 

@@ -59,7 +59,7 @@ import numbers
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, NamedTuple, Optional, SupportsInt, Union
 
 from torch import nn
 
@@ -344,7 +344,7 @@ def _recognise(module: nn.Module, names: list[str]) -> _Grouping | None:
     """The model's own group_matcher, else a recognised architecture, else None."""
     # Looked up on the class: a wrapper forwarding attributes must not lend its model's matcher.
     if callable(getattr(type(module), "group_matcher", None)):
-        spec = module.group_matcher(coarse=True)
+        spec = type(module).group_matcher(module, coarse=True)  # type: ignore[attr-defined]
         if isinstance(spec, Mapping):
             return _group_by_regex(names, spec)
         if callable(spec):  # a few timm models (CaiT, Inception) return name -> ordinal
@@ -454,7 +454,7 @@ def _compile_regex_matcher(
     spec: Mapping[Any, Any],
 ) -> list[tuple[re.Pattern[str], str, int, tuple[float, ...]]]:
     """(regex, block label, key ordinal, ordinal suffix) for each regex, in matching order."""
-    rules = []
+    rules: list[tuple[re.Pattern[str], str, int, tuple[float, ...]]] = []
     # The ordinal is the key's position, counting keys whose spec is None (timm does the same).
     for ordinal, (key, regex_spec) in enumerate(spec.items()):
         if regex_spec is None:
@@ -620,7 +620,9 @@ def _torchvision_vit_rule(module: nn.Module) -> _Rule:
         and _has_modules(encoder, "layers", "ln")
     ):
         return None
-    layer_index = {n: i for i, (n, _) in enumerate(encoder.layers.named_children())}
+    layers = _child(encoder, "layers")
+    assert layers is not None  # checked by _has_modules above
+    layer_index = {n: i for i, (n, _) in enumerate(layers.named_children())}
     if not layer_index:
         return None
     layer_blocks = [f"layer{i}" for i in range(len(layer_index))]
@@ -646,7 +648,7 @@ def _hf_encoder_rule(module: nn.Module) -> _Rule:
         if not (_has_modules(backbone, "embeddings") or _has_modules(backbone, "embed_tokens")):
             continue
         for stack in _HF_LAYER_STACKS:
-            layers = backbone
+            layers: nn.Module | None = backbone
             for part in stack:
                 layers = _child(layers, part)
             if isinstance(layers, nn.ModuleList) and len(layers) > 0:
@@ -766,7 +768,7 @@ def _resolve_item(item: str | numbers.Integral, names: list[str]) -> list[int]:
     )
 
 
-def _resolve_index(index: numbers.Integral, count: int) -> int:
+def _resolve_index(index: SupportsInt, count: int) -> int:
     position = int(index)
     if not -count <= position < count:
         raise IndexError(

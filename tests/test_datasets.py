@@ -366,7 +366,7 @@ def _write_breeds_imagenet(root: Path, train_per_class: int = 4, val_per_class: 
 
 
 def test_breeds_loader(tmp_path):
-    leaves = _write_breeds_imagenet(tmp_path)
+    _write_breeds_imagenet(tmp_path)
     d = load_breeds(tmp_path, TINY, target_train_per_class=3, target_val_per_class=2)
     split = d.info["split"]
     assert d.num_classes == 3 and len(split["superclasses"]) == 3

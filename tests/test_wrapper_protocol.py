@@ -135,7 +135,7 @@ def test_closure_is_evaluated_once_before_statistics(kind):
     reference = WRAPPERS[kind](torch.optim.SGD(reference_model.parameters(), lr=0.1))
     calls = []
     for x, y in data(6):
-        def closure():
+        def closure(x=x, y=y):
             calls.append(1)
             opt.zero_grad()
             loss = torch.nn.functional.cross_entropy(model(x), y)

@@ -76,7 +76,7 @@ def run_two_layer(cfg: TwoLayerConfig = TwoLayerConfig()) -> dict[str, Any]:
     methods = ("none", "first", "last", "all")
     results: dict[str, Any] = {}
     for pert in ("input", "output"):
-        def draw(n):
+        def draw(n, pert=pert):
             xs = torch.stack([torch.randn(n, cfg.d, generator=g) for g in gens])
             if pert == "input":
                 return torch.einsum("snd,sed->sne", xs, A), teacher(xs)
