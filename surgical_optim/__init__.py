@@ -25,7 +25,7 @@ from .blocks import (
 )
 from .snr import per_example_gradient_snr
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AutoRGN",
