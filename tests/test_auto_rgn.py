@@ -70,12 +70,14 @@ def test_matches_per_tensor_loop_reference(name, foreach):
                 torch.testing.assert_close(value, ref.optimizer.state[b][key], rtol=1e-11, atol=1e-13)
 
 
+@pytest.mark.parametrize("rescale", ["snapshot", "auto"])
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
-def test_equals_one_param_group_per_tensor_with_scaled_lr(name):
-    """The paper's formulation (lr x multiplier per tensor) gives the same trajectory."""
+def test_equals_one_param_group_per_tensor_with_scaled_lr(name, rescale):
+    """The paper's formulation (lr x multiplier per tensor) gives the same trajectory, whether the
+    multipliers rescale the update afterwards or are folded into it (SGD, Adam, AdamW)."""
     fast_model, ref_model = make_model(), make_model()
     make = OPTIMIZERS[name]
-    fast = AutoRGN(make(fast_model.parameters(), 0.05))
+    fast = AutoRGN(make(fast_model.parameters(), 0.05), rescale=rescale)
     ref_params = list(ref_model.parameters())
     ref = make([{"params": [p]} for p in ref_params], 0.05)
     for x, y in batches(5):
@@ -87,6 +89,7 @@ def test_equals_one_param_group_per_tensor_with_scaled_lr(name):
         per_tensor_lr_step(ref, ref_params, 0.05)
         for a, b in zip(fast_model.parameters(), ref_params):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert fast.last_step_folded == (rescale == "auto" and name.startswith(("sgd", "adam")))
 
 
 def test_multiplier_values_by_hand():
