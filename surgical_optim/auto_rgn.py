@@ -274,7 +274,8 @@ class AutoRGN(OptimizerWrapper):
         """The layout for folding this step's update, or None to take the snapshot path."""
         if self.rescale == "snapshot" or self._has_complex or fold_unsupported_reason(self._inner):
             return None
-        key = ("fold", tuple(positions))
+        # group sizes too: the layout maps tensors to their param group's hyperparameters
+        key = ("fold", tuple(positions), tuple(len(g["params"]) for g in self.param_groups))
         layout = self._plans.get(key)
         if layout is None:
             layout = self._plans[key] = FoldLayout(self._inner, trained, self._device)
