@@ -256,3 +256,24 @@ def test_folded_adam_step_reads_only_torchs_cpu_step_counters(device_paths):
                 setattr(torch.Tensor, name, method)
         assert opt.last_step_folded
     assert len(reads) == 3 * len(counters)
+
+
+def test_moving_a_tensor_between_param_groups_is_noticed():
+    """Same tensors in the same order, different group boundaries: the folded update must use the
+    new group's learning rate, as the inner optimizer would."""
+    results = []
+    for rescale in ("fold", "snapshot"):
+        torch.manual_seed(0)
+        a, b, c = (torch.nn.Parameter(torch.randn(4)) for _ in range(3))
+        opt = AutoRGN(torch.optim.SGD([{"params": [a, b], "lr": 0.1}, {"params": [c], "lr": 0.01}]), rescale=rescale)
+        for regroup in (False, True):
+            if regroup:  # b moves to the second group; the flat order a, b, c stays
+                opt.param_groups[0]["params"] = [a]
+                opt.param_groups[1]["params"] = [b, c]
+            for p in (a, b, c):
+                p.grad = torch.ones(4)
+            opt.step()
+        assert opt.last_step_folded == (rescale == "fold")
+        results.append([p.detach().clone() for p in (a, b, c)])
+    for x, y in zip(*results):
+        torch.testing.assert_close(x, y)
