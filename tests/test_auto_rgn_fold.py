@@ -118,22 +118,6 @@ def test_non_finite_gradient_on_a_folded_step_never_corrupts(bad, name, both_pat
             assert torch.isfinite(value).all()
 
 
-def test_single_tensor_fold_is_bare_adamw_bit_for_bit_on_cpu():
-    """Multiplier 1 with host step sizes is torch's own arithmetic."""
-    torch.manual_seed(0)
-    w1 = torch.nn.Parameter(torch.randn(64, 32))
-    w2 = torch.nn.Parameter(w1.detach().clone())
-    wrapped = AutoRGN(torch.optim.AdamW([w1], lr=1e-2, weight_decay=0.1), rescale="fold")
-    bare = torch.optim.AdamW([w2], lr=1e-2, weight_decay=0.1)
-    for step in range(5):
-        g = torch.randn(64, 32)
-        w1.grad, w2.grad = g.clone(), g.clone()
-        wrapped.step()
-        bare.step()
-        assert torch.equal(w1, w2), step
-    assert wrapped.last_step_folded
-
-
 def test_checkpoints_move_between_fold_and_snapshot():
     """The inner optimizer's state is the same either way, so a checkpoint resumes on either path."""
     model = make_model()
