@@ -27,7 +27,7 @@ import torch
 from torch.optim import Optimizer
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
-from ._foreach import host_readable, local_tensor, local_tensors
+from ._foreach import host_readable, local_tensors
 
 __all__ = ["FOLDABLE", "fold_unsupported_reason", "fold_ready", "FoldLayout", "folded_step"]
 
@@ -64,15 +64,18 @@ class FoldLayout:
     the multipliers' device). Built once per set of trained tensors and cached by the caller.
     """
 
-    def __init__(self, inner: Optimizer, trained: Sequence[torch.Tensor], device: torch.device) -> None:
+    def __init__(
+        self, inner: Optimizer, trained: Sequence[torch.Tensor], device: torch.device, any_dtensor: bool
+    ) -> None:
         group_of = {id(p): gi for gi, group in enumerate(inner.param_groups) for p in group["params"]}
         by_group: dict[int, list[int]] = {}
         for i, p in enumerate(trained):
             by_group.setdefault(group_of[id(p)], []).append(i)
         self.chunks: list[tuple[int, list[int], torch.Tensor]] = []
-        local_all = [local_tensor(p) for p in trained]
-        #: whether any parameter is a DTensor (FSDP2): then state and gradients are too
-        self.any_dtensor = any(a is not b for a, b in zip(local_all, trained))
+        local_all = local_tensors(trained, any_dtensor)
+        #: whether any parameter is a DTensor (FSDP2), as the gather plan found: then state and
+        #: gradients are too
+        self.any_dtensor = any_dtensor
         #: (id of the inner state dict, its size) when the state was last found complete
         self.ready_for: tuple[int, int] | None = None
         for gi, members in sorted(by_group.items()):

@@ -253,7 +253,7 @@ class AutoRGN(OptimizerWrapper):
         # tensors have multiplier 0, so their weights do not move.
         _zero_non_finite(local_tensors(grads, plan.any_dtensor), grad_norms, plan)
 
-        layout = self._fold_layout(positions, trained)
+        layout = self._fold_layout(positions, trained, plan.any_dtensor)
         self._last_step["folded"] = layout is not None
         if layout is not None:
             folded_step(self._inner, layout, trained, local)
@@ -270,7 +270,9 @@ class AutoRGN(OptimizerWrapper):
         self._rescale_updates(plan, trained_local, snapshots, 1.0 - local)
         return loss if closure is not None else out
 
-    def _fold_layout(self, positions: list[int], trained: list[torch.Tensor]) -> FoldLayout | None:
+    def _fold_layout(
+        self, positions: list[int], trained: list[torch.Tensor], any_dtensor: bool
+    ) -> FoldLayout | None:
         """The layout for folding this step's update, or None to take the snapshot path."""
         if self.rescale == "snapshot" or self._has_complex or fold_unsupported_reason(self._inner):
             return None
@@ -278,7 +280,7 @@ class AutoRGN(OptimizerWrapper):
         key = ("fold", tuple(positions), tuple(len(g["params"]) for g in self.param_groups))
         layout = self._plans.get(key)
         if layout is None:
-            layout = self._plans[key] = FoldLayout(self._inner, trained, self._device)
+            layout = self._plans[key] = FoldLayout(self._inner, trained, self._device, any_dtensor)
         return layout if fold_ready(self._inner, layout, trained) else None
 
     def _update_multipliers(
