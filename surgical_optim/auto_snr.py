@@ -23,6 +23,10 @@ and its optimizer state does not advance (no weight-decay drift, no momentum). E
 in the inner optimizer, so the state_dict layout never changes. Deciding which gradients to drop
 needs the mask on the host: it is copied once per estimation (``n`` booleans, issued without
 blocking when the estimate is made and read at the next step), never per step.
+Sparse gradients (``nn.Embedding(sparse=True)``, with inner SGD, Adagrad or SparseAdam) count as the
+dense gradients they stand for, zeros in the untouched rows: the moment buffers are dense, and the
+SNR and mask are exactly those of the same model with dense gradients (``official_eb`` and
+``calibrate()`` densify too).
 ``freeze_requires_grad()`` additionally sets ``requires_grad_(False)`` on frozen tensors for the
 compute saving; call it between phases only (it breaks DDP's bucket layout and re-estimation).
 """
@@ -203,12 +207,17 @@ class AutoSNR(OptimizerWrapper):
             total, total_sq = self._sums[i], self._squares[i]
             if total is None or total_sq is None:
                 dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
-                total = self._sums[i] = torch.zeros_like(g, dtype=dtype)
-                total_sq = self._squares[i] = torch.zeros_like(g, dtype=dtype)
+                # dense buffers even for a sparse gradient (zeros_like would make them sparse)
+                make = torch.zeros_like if g.layout == torch.strided else _dense_zeros
+                total = self._sums[i] = make(g, dtype=dtype)
+                total_sq = self._squares[i] = make(g, dtype=dtype)
+            self._counts[i] += 1
+            if g.layout != torch.strided:
+                _add_sparse_moments_(total, total_sq, g)
+                continue
             targets_sum.append(total)
             targets_sq.append(total_sq)
             sources.append(g if g.dtype == total.dtype else g.to(total.dtype))
-            self._counts[i] += 1
         if sources:
             torch._foreach_add_(targets_sum, sources)
             torch._foreach_addcmul_(targets_sq, sources, sources)
@@ -354,6 +363,30 @@ class AutoSNR(OptimizerWrapper):
         self._squares = [None if s is None else s.to(p.device) for s, p in zip(state["squares"], params)]
         self._counts = list(state["counts"])
         self._eb_sum.copy_(state["eb_sum"].to(self._eb_sum))
+
+
+def _dense_zeros(like: torch.Tensor, *, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(like.shape, dtype=dtype, device=like.device)
+
+
+def _add_sparse_moments_(total: torch.Tensor, total_sq: torch.Tensor, grad: torch.Tensor) -> None:
+    """Add a sparse gradient and its elementwise square into dense moment buffers.
+
+    A sparse gradient is the dense gradient with zeros in the untouched rows, so the moments are
+    exactly the dense gradient's. Repeated indices (an embedding row looked up twice) must be summed
+    before squaring, hence the coalesce; on accelerators it waits for the count of distinct indices,
+    as the sparse optimizers (Adagrad, SparseAdam) do at every step, but here on collection steps only.
+    """
+    if grad.layout != torch.sparse_coo:  # other sparse layouts: rare, densify
+        dense = grad.to_dense().to(total.dtype)
+        total.add_(dense)
+        total_sq.addcmul_(dense, dense)
+        return
+    g = grad.coalesce()
+    indices, values = g.indices(), g.values().to(total.dtype)
+    # the indices come from a coalesced tensor: valid, no need to check them again
+    for buffer, added in ((total, values), (total_sq, values * values)):
+        buffer.add_(torch.sparse_coo_tensor(indices, added, g.shape, is_coalesced=True, check_invariants=False))
 
 
 class _HostCopy:

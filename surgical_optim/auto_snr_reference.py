@@ -49,7 +49,8 @@ class ReferenceAutoSNR:
         if collecting:
             for i, p in enumerate(params):
                 if p.grad is not None:
-                    self.history.setdefault(i, []).append(p.grad.detach().clone())
+                    # a sparse gradient is the dense one with zeros in the untouched rows
+                    self.history.setdefault(i, []).append(p.grad.detach().to_dense().clone())
         if self.keep is not None:
             for p, k in zip(params, self.keep):
                 if not k:

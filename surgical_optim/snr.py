@@ -18,7 +18,8 @@ Two families, kept apart on purpose (see shared/paper.md):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -92,7 +93,12 @@ def snr_from_moments(
 
 
 def official_eb_criterion(grad: torch.Tensor) -> torch.Tensor:
-    """The official code's per-batch statistic for one tensor (see the module docstring)."""
+    """The official code's per-batch statistic for one tensor (see the module docstring).
+
+    A sparse gradient is taken as the dense gradient it stands for (zeros in the untouched rows):
+    the statistic mixes all rows, so it needs them all (a parameter-sized temporary)."""
+    if grad.layout != torch.strided:
+        grad = grad.to_dense()
     g = grad.float() if grad.dtype in (torch.float16, torch.bfloat16) else grad  # sync-ok: a dtype cast, not a host read
     if g.dim() == 0 or g.shape[0] < 2:
         return torch.full((), float("nan"), device=g.device, dtype=g.dtype)
@@ -106,6 +112,22 @@ def normalise_snr(raw: torch.Tensor) -> torch.Tensor:
     cleaned = torch.where(finite, raw, torch.zeros_like(raw)).clamp(min=0.0)
     largest = cleaned.amax() if cleaned.numel() else cleaned.new_zeros(())
     return cleaned / torch.clamp(largest, min=torch.finfo(cleaned.dtype).tiny)
+
+
+@contextlib.contextmanager
+def _dense_embedding_gradients(model: torch.nn.Module) -> Iterator[None]:
+    """Embeddings with ``sparse=True`` give dense gradients for a while: ``vmap`` cannot batch sparse
+    tensors, and a sparse gradient stands for the dense one anyway (zeros in the untouched rows)."""
+    switched = [
+        m for m in model.modules() if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and m.sparse
+    ]
+    try:
+        for module in switched:
+            module.sparse = False
+        yield
+    finally:
+        for module in switched:
+            module.sparse = True
 
 
 def per_example_gradient_snr(
@@ -125,7 +147,8 @@ def per_example_gradient_snr(
     of one. BatchNorm layers must be in eval mode (as in surgical fine-tuning; a batch of one has no
     batch statistics). Returns one value per tensor of ``params`` (default: the model's parameters
     that require grad), in that order. Memory: batch size x parameter count, use ``chunk_size`` to
-    bound the vmap's working set.
+    bound the vmap's working set. Embeddings with ``sparse=True`` give dense per-example gradients
+    here (``vmap`` cannot batch sparse ones); their values are the same.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -155,9 +178,10 @@ def per_example_gradient_snr(
         output = torch.func.functional_call(model, ({**weights}, buffers), (x.unsqueeze(0),), strict=False)
         return loss_fn(output, y.unsqueeze(0))
 
-    per_example = torch.func.vmap(
-        torch.func.grad(loss_of_one), in_dims=(None, 0, 0), chunk_size=chunk_size
-    )(trained, inputs, targets)
+    with _dense_embedding_gradients(model):
+        per_example = torch.func.vmap(
+            torch.func.grad(loss_of_one), in_dims=(None, 0, 0), chunk_size=chunk_size
+        )(trained, inputs, targets)
     count = inputs.shape[0]
     sums = [per_example[name].sum(0) for name in names]
     squares = [(per_example[name] * per_example[name]).sum(0) for name in names]

@@ -299,3 +299,108 @@ def test_block_summary_reports_trained_share_per_group():
     )
     assert rows[0]["trained_fraction"] == pytest.approx(expected_first)
     assert rows[1]["mean_snr"] == pytest.approx(float(snr[2:].mean()))
+
+
+# ---------------------------------------------------------------------- sparse gradients
+# A sparse gradient is the dense gradient with zeros in the untouched rows: the statistics must be
+# exactly those of that dense gradient.
+
+
+def embedding_model(sparse: bool) -> torch.nn.Module:
+    torch.manual_seed(3)
+    return torch.nn.Sequential(
+        torch.nn.Embedding(12, 5, sparse=sparse), torch.nn.Flatten(), torch.nn.Linear(15, 3)
+    ).double()
+
+
+def token_batches(n: int, seed: int = 4):
+    g = torch.Generator().manual_seed(seed)
+    # 8 examples of 3 tokens from 12: repeated rows (uncoalesced gradients) and untouched rows
+    return [(torch.randint(0, 12, (8, 3), generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(n)]
+
+
+@pytest.mark.parametrize("estimator, threshold", [("samples", 0.3), ("official_eb", 0.95)])
+def test_sparse_embedding_statistics_equal_the_dense_ones(estimator, threshold):
+    runs = {}
+    for sparse in (False, True):
+        model = embedding_model(sparse)
+        opt = AutoSNR(torch.optim.SGD(model.parameters(), lr=0.1), threshold=threshold, samples=4, estimator=estimator)
+        for x, y in token_batches(6):
+            opt.zero_grad()
+            backward(model, x, y)
+            opt.step()
+        runs[sparse] = (opt.raw_snr(), opt.mask(), [p.detach().clone() for p in model.parameters()])
+    (dense_raw, dense_mask, dense_weights), (sparse_raw, sparse_mask, sparse_weights) = runs[False], runs[True]
+    assert model[0].weight.grad.is_sparse  # the sparse run really had sparse gradients
+    torch.testing.assert_close(sparse_raw, dense_raw, rtol=1e-12, atol=0)
+    assert torch.equal(sparse_mask, dense_mask)
+    for a, b in zip(sparse_weights, dense_weights):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_sparse_embedding_matches_reference():
+    fast_model, ref_model = embedding_model(True), embedding_model(True)
+    fast = AutoSNR(torch.optim.SGD(fast_model.parameters(), lr=0.5), threshold=0.3, samples=3)
+    ref = ReferenceAutoSNR(torch.optim.SGD(ref_model.parameters(), lr=0.5), threshold=0.3, samples=3)
+    for x, y in token_batches(6):
+        fast.zero_grad()
+        backward(fast_model, x, y)
+        fast.step()
+        ref.optimizer.zero_grad()
+        backward(ref_model, x, y)
+        ref.step()
+        for a, b in zip(fast_model.parameters(), ref_model.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(fast.snr(), torch.tensor(ref.normalised, dtype=torch.float64), rtol=1e-9, atol=1e-12)
+    assert fast.mask().tolist() == [float(k) for k in ref.keep]
+
+
+def two_tables():
+    """Two sparse embedding tables: one whose gradient is the same every step (high SNR), one whose
+    gradient is pure noise (low SNR)."""
+    torch.manual_seed(5)
+    return torch.nn.Embedding(10, 4, sparse=True), torch.nn.Embedding(10, 4, sparse=True)
+
+
+def two_tables_backward(signal, noise, generator):
+    tokens = torch.tensor([0, 2, 2, 7])  # row 2 twice: an uncoalesced gradient
+    weights = torch.randn(4, 4, generator=generator)
+    (signal(tokens).sum() + (noise(tokens) * weights).sum()).backward()
+
+
+@pytest.mark.parametrize("inner", ["sgd", "adagrad", "sparse_adam"])
+def test_sparse_gradients_train_and_freeze(inner):
+    signal, noise = two_tables()
+    params = [signal.weight, noise.weight]
+    make = {
+        "sgd": lambda: torch.optim.SGD(params, lr=0.1),
+        "adagrad": lambda: torch.optim.Adagrad(params, lr=0.1),
+        "sparse_adam": lambda: torch.optim.SparseAdam(params, lr=0.1),
+    }[inner]
+    opt = AutoSNR(make(), threshold=0.5, samples=3)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        opt.zero_grad()
+        two_tables_backward(signal, noise, generator)
+        opt.step()
+    assert opt.mask().tolist() == [1.0, 0.0]
+    signal_before, noise_before = signal.weight.detach().clone(), noise.weight.detach().clone()
+    for _ in range(3):
+        opt.zero_grad()
+        two_tables_backward(signal, noise, generator)
+        opt.step()
+    assert torch.equal(noise.weight, noise_before)  # frozen: bit-identical
+    touched = [0, 2, 7]
+    assert (signal.weight[touched] != signal_before[touched]).all()  # trained: every touched row moves
+
+
+def test_calibrate_with_a_sparse_embedding_equals_the_dense_one():
+    x, y = token_batches(1)[0]
+    masks = {}
+    for sparse in (False, True):
+        model = embedding_model(sparse).eval()
+        opt = AutoSNR(torch.optim.SGD(model.parameters(), lr=0.1), threshold=0.3)
+        masks[sparse] = (opt.calibrate(model, torch.nn.functional.cross_entropy, x, y), opt.raw_snr())
+        assert model[0].sparse == sparse  # the module is left as it was
+    assert torch.equal(masks[True][0], masks[False][0])
+    torch.testing.assert_close(masks[True][1], masks[False][1], rtol=1e-12, atol=0)
