@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import json
 import os
 import platform
@@ -37,12 +38,25 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .datasets import CORRUPTIONS, BenchmarkData, load_dataset
+from .datasets import (
+    CORRUPTIONS,
+    BenchmarkData,
+    DatasetLayoutError,
+    load_breeds,
+    load_celeba,
+    load_cifar10c,
+    load_cifar_flip,
+    load_dataset,
+    load_imagenet_c,
+    load_waterbirds,
+)
 from .datasets.cifar10c import ALL_CORRUPTIONS
-from .paper_models import build_model, load_checkpoint, paper_block_matcher
+from .paper_models import CheckpointMismatch, build_model, load_checkpoint, paper_block_matcher
 from .paper_results import ResultStore, format_table, plot_relative, read_results, summarise
 
-__all__ = ["main", "build_parser", "enumerate_runs", "Run", "FAMILIES", "DEFAULT_METHODS"]
+__all__ = ["main", "build_parser", "enumerate_runs", "Run", "FAMILIES", "DEFAULT_METHODS", "UsageError"]
+
+PROG = "python -m benchmarks.paper"
 
 FAMILIES = ("cifar10c", "imagenet_c", "living17", "entity30", "cifar_flip", "waterbirds", "celeba")
 #: methods run by default; "block:*" expands to one run per block of the model (the paper's split)
@@ -254,24 +268,48 @@ def train_source(model: nn.Module, data: BenchmarkData, args, device: torch.devi
     return float("nan")
 
 
+def build_source_architecture(args, num_classes: int) -> nn.Module:
+    """The source model's architecture (ImageNet weights where asked)."""
+    try:
+        return build_model(args.arch, num_classes, imagenet_init=args.imagenet_init, width=args.width)
+    except FileNotFoundError as e:  # ImageNet weights not in the local torch cache
+        raise UsageError(str(e)) from e
+
+
+def _load_source_checkpoint(model: nn.Module, args) -> None:
+    path = args.source_checkpoint
+    if not Path(path).is_file():
+        raise UsageError(f"--source-checkpoint {path}: no such file")
+    try:
+        load_checkpoint(model, path)
+    except CheckpointMismatch as e:
+        raise UsageError(f"--source-checkpoint {path} does not fit --arch {args.arch}: {e}; pass the --arch "
+                         "it was trained with") from e
+    except Exception as e:  # noqa: BLE001 - whatever torch.load says, the file is not a state dict
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UsageError(f"--source-checkpoint {path}: not a readable PyTorch state dict "
+                         f"({type(e).__name__}: {first})") from e
+
+
 def get_source_model(args, data: BenchmarkData, device: torch.device) -> tuple[nn.Module, str]:
     """The source model and a hash identifying it (part of every run's config id)."""
-    model = build_model(args.arch, data.num_classes, imagenet_init=args.imagenet_init, width=args.width)
+    model = build_source_architecture(args, data.num_classes)
     if args.source_checkpoint:
-        load_checkpoint(model, args.source_checkpoint)
+        _load_source_checkpoint(model, args)
         st = os.stat(args.source_checkpoint)
         return model.to(device), _hash({"checkpoint": os.path.abspath(args.source_checkpoint), "size": st.st_size,
                                         "arch": args.arch})
     if args.dataset == "imagenet_c":
         if data.num_classes != 1000:
-            raise SystemExit(f"imagenet_c: found {data.num_classes} class folders; the torchvision ResNet-50 "
-                             "source model needs all 1000 (class index = sorted wnid order)")
+            raise UsageError(f"imagenet_c: found {data.num_classes} class folders; the torchvision ResNet-50 "
+                             "source model needs all 1000 (class index = sorted wnid order), or pass "
+                             "--source-checkpoint")
         if args.arch != "resnet50":
-            raise SystemExit("imagenet_c: the source model is torchvision's ResNet-50 (--arch resnet50) or "
+            raise UsageError("imagenet_c: the source model is torchvision's ResNet-50 (--arch resnet50) or "
                              "--source-checkpoint")
         return model.to(device), _hash({"torchvision": "resnet50/IMAGENET1K_V1"})
     if data.source_train is None:
-        raise SystemExit(
+        raise UsageError(
             f"{args.dataset}: no source data to pre-train on; pass --source-checkpoint PATH "
             "(e.g. RobustBench's Standard WRN-28-10 with --arch wrn28_10) or --cifar10-root DIR"
         )
@@ -318,9 +356,20 @@ def finetune(run: Run, source: nn.Module, data: BenchmarkData, args, device: tor
 
 
 # ---------------------------------------------------------------------------------------------- CLI
+class UsageError(Exception):
+    """A bad command line or an unusable input file; ``main`` prints it as one line and exits with 2."""
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line on stderr (no usage block), like every other CLI error."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.paper", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--dataset", choices=FAMILIES, help="benchmark family")
     p.add_argument("--data-root", help="the dataset's root folder in its native layout (see README)")
     p.add_argument("--out", default="paper_runs", help="output folder: results/*.jsonl, table.md, plot, models")
@@ -342,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--snr-threshold", type=float, default=0.5, help="Auto-SNR freezing threshold")
     p.add_argument("--corruptions", default=",".join(CORRUPTIONS),
                    help="CIFAR-10-C / ImageNet-C corruptions (comma list, or 'all' for the 15, 'extra' for all 19)")
-    p.add_argument("--severity", type=int, default=5)
+    p.add_argument("--severity", type=int, default=5, choices=(1, 2, 3, 4, 5))
     p.add_argument("--data-seed", type=int, default=0, help="seed of the target splits (fixed across run seeds)")
     p.add_argument("--arch", choices=("resnet26", "wrn28_10", "resnet50", "tiny_cnn"))
     p.add_argument("--width", type=int, default=1, help="resnet26 width factor")
@@ -366,10 +415,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--workers", type=int, default=4, help="DataLoader workers")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--debug", action="store_true", help="on an error, show the Python traceback")
     return p
 
 
 def _finish_args(args) -> None:
+    """Fill the per-dataset defaults and parse the list arguments; a bad value is a :class:`UsageError`."""
     fam = FAMILY_DEFAULTS[args.dataset]
     for k in ("arch", "epochs", "source_epochs", "source_lr"):
         if getattr(args, k) is None:
@@ -377,24 +428,105 @@ def _finish_args(args) -> None:
     if args.imagenet_init is None:
         args.imagenet_init = fam["imagenet_init"]
     args.imagenet_init = bool(args.imagenet_init)
-    if args.corruptions in ("all",):
-        args.corruptions = list(CORRUPTIONS)
-    elif args.corruptions == "extra":
-        args.corruptions = list(ALL_CORRUPTIONS)
-    else:
-        args.corruptions = [c.strip() for c in args.corruptions.split(",") if c.strip()]
-    args.lrs = [float(x) for x in args.lrs.split(",") if x.strip()]
-    args.seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    for flag, value, least in (("--epochs", args.epochs, 1), ("--batch-size", args.batch_size, 1),
+                               ("--eval-batch-size", args.eval_batch_size, 1), ("--workers", args.workers, 0),
+                               ("--source-epochs", args.source_epochs, 0)):
+        if value < least:
+            raise UsageError(f"{flag} must be at least {least}, got {value}")
+    args.corruptions = _parse_corruptions(args.corruptions)
+    args.lrs = _parse_list(args.lrs, float, "--lrs", "positive numbers")
+    if any(not lr > 0 for lr in args.lrs):
+        raise UsageError(f"--lrs expects positive numbers, got {args.lrs}")
+    args.seeds = _parse_list(args.seeds, int, "--seeds", "integers")
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    kw = {}
-    for item in args.loader_arg:
-        k, _, v = item.partition("=")
-        try:
-            kw[k] = json.loads(v)
-        except json.JSONDecodeError:
-            kw[k] = v
-    args.loader_kwargs = kw
+    if not args.methods:
+        raise UsageError("--methods is empty")
+    args.loader_kwargs = _parse_loader_args(args.loader_arg, args.dataset)
     args.max_tensor_bytes = int(args.max_tensor_gib * 2**30)
+
+
+def _parse_list(text: str, kind: type, flag: str, what: str) -> list:
+    try:
+        values = [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"{flag} expects a comma list of {what}, got {text!r}") from None
+    if not values:
+        raise UsageError(f"{flag} is empty")
+    return values
+
+
+def _parse_corruptions(text: str) -> list[str]:
+    if text == "all":
+        return list(CORRUPTIONS)
+    if text == "extra":
+        return list(ALL_CORRUPTIONS)
+    names = [c.strip() for c in text.split(",") if c.strip()]
+    unknown = [c for c in names if c not in ALL_CORRUPTIONS]
+    if unknown or not names:
+        raise UsageError(f"--corruptions: unknown {', '.join(unknown) or '(empty list)'}; known: "
+                         f"{', '.join(ALL_CORRUPTIONS)} (or 'all', 'extra')")
+    return names
+
+
+#: the loader of each family: its keyword options are what --loader-arg may set
+LOADERS = {"cifar10c": load_cifar10c, "imagenet_c": load_imagenet_c, "living17": load_breeds,
+           "entity30": load_breeds, "cifar_flip": load_cifar_flip, "waterbirds": load_waterbirds,
+           "celeba": load_celeba}
+#: loader options the harness sets from its own flags (per family where they differ)
+SET_BY_FLAGS = {"corruption": "--corruptions", "severity": "--severity", "seed": "--data-seed",
+                "info_dir": "--breeds-info-dir", "cifar10_root": "--cifar10-root"}
+NOT_FROM_COMMAND_LINE = ("root", "spec", "transform", "train_transform")
+
+
+def _parse_loader_args(items: list[str], family: str) -> dict[str, Any]:
+    """``--loader-arg KEY=VALUE`` items (JSON values, else strings), checked against the loader's options."""
+    params = inspect.signature(LOADERS[family]).parameters
+    flags = dict(SET_BY_FLAGS, **({"split_seed": "--data-seed"} if family == "cifar_flip" else {}))
+    options = [k for k in params if k not in NOT_FROM_COMMAND_LINE and k not in flags]
+    kw: dict[str, Any] = {}
+    for item in items:
+        key, eq, text = item.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise UsageError(f"--loader-arg expects KEY=VALUE, got {item!r}")
+        if key in flags:
+            raise UsageError(f"--loader-arg {key}: set it with {flags[key]}")
+        if key not in options:
+            raise UsageError(f"--loader-arg {key}: not an option of the {family} loader; options: {', '.join(options)}")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        default = params[key].default
+        wrong = (isinstance(default, int) and not isinstance(default, bool)
+                 and (not isinstance(value, int) or isinstance(value, bool)))
+        wrong |= isinstance(default, float) and not isinstance(value, (int, float))
+        if wrong:
+            raise UsageError(f"--loader-arg {key}: expects a number like its default {default!r}, got {text!r}")
+        kw[key] = value
+    return kw
+
+
+#: harness method names besides the blocks (see _expand_methods for the aliases)
+METHODS = ("none", "all", "auto_rgn", "auto_snr", "gradual_first_last", "gradual_last_first", "l1_sp")
+
+
+def _check_methods(methods: list[str], blocks: list[str]) -> list[str]:
+    """``methods`` (expanded) when every one is known and every block exists in the model's split."""
+    for m in methods:
+        if m.startswith("block:") and m[len("block:"):] not in blocks:
+            raise UsageError(f"--methods {m}: no such block; the blocks of --arch are {', '.join(blocks)}")
+        if not m.startswith("block:") and m not in METHODS:
+            raise UsageError(f"--methods {m}: unknown method; known: {', '.join(METHODS)}, block:<name>, block:*, "
+                             "first, last, linear_probe")
+    return methods
+
+
+def _skeleton_blocks(args, num_classes: int) -> list[str]:
+    """The paper's blocks of ``--arch``, from a model built on the meta device (no memory, no random draws)."""
+    with torch.device("meta"):
+        skeleton = build_model(args.arch, num_classes, imagenet_init=False, width=args.width)
+    return _paper_blocks(skeleton, args.arch)
 
 
 def protocol_config(args, source_hash: str) -> dict[str, Any]:
@@ -442,14 +574,33 @@ def _init_distributed(args) -> tuple[int, int, bool]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line. Every error is one line on stderr and a non-zero exit (``--debug``: the traceback)."""
     args = build_parser().parse_args(argv)
+    try:
+        return _main(args)
+    except Exception as e:  # noqa: BLE001 - the one place that turns any failure into one line
+        if args.debug:
+            raise
+        if isinstance(e, DatasetLayoutError):
+            line, code = e.summary, 1
+        elif isinstance(e, UsageError):
+            line, code = " ".join(str(e).split()), 2
+        else:
+            line, code = f"{type(e).__name__}: {' '.join(str(e).split())} (--debug shows the traceback)", 1
+        print(f"{PROG}: error: {line}", file=sys.stderr)
+        return code
+
+
+def _main(args) -> int:
     out = Path(args.out)
     if args.report:
+        if not (out / "results").is_dir():
+            raise UsageError(f"--report: no results under {out} (expected {out / 'results'}/*.jsonl)")
         if int(os.environ.get("RANK", "0")) == 0:
             write_report(out, args.quiet)
         return 0
     if not args.dataset or not args.data_root:
-        raise SystemExit("--dataset and --data-root are required (or --report)")
+        raise UsageError("--dataset and --data-root are required (or --report)")
     _finish_args(args)
     rank, world, created = _init_distributed(args)
     try:
@@ -469,18 +620,20 @@ def _sweep(args, out: Path, rank: int, world: int) -> int:
         args.quiet = True  # progress and messages from rank 0 only
     device = torch.device(args.device)
     variants = dataset_variants(args)
+    # every variant's files and split sizes, and every method, are checked before the first run is written
+    datasets = {v: load_variant(args, v) for v in variants}
+    first = datasets[variants[0]]
+    blocks = _skeleton_blocks(args, first.num_classes)
+    methods = _check_methods(_expand_methods(args.methods, blocks), blocks)
     store = ResultStore(out / "results", args.shard)
     done = store.finished_ids()
     if world > 1:  # every rank must run the same list: rank 0's view of the finished runs
         box = [done]
         dist.broadcast_object_list(box, src=0)
         done = box[0]
-    first = load_variant(args, variants[0])
     source, source_hash = get_source_model(args, first, device)
     if args.pretrain_only:
         return 0
-    blocks = _paper_blocks(source, args.arch)
-    methods = _expand_methods(args.methods, blocks)
     cfg = protocol_config(args, source_hash)
     config_id = _hash(cfg)
     runs = shard_runs(enumerate_runs(variants, args.dataset, methods, args.lrs, args.seeds, config_id), args.shard)
@@ -498,7 +651,7 @@ def _sweep(args, out: Path, rank: int, world: int) -> int:
         if cache.get("variant") != run.dataset:
             cache.clear()  # one variant's data (and prefix activations) at a time
             cache["variant"] = run.dataset
-            cache["data"] = first if run.dataset == variants[0] else load_variant(args, run.dataset)
+            cache["data"] = datasets[run.dataset]
             cache["prefix"] = protocol.PrefixCache()
         data = cache["data"]
         prep_seed = run.seed

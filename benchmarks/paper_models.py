@@ -35,6 +35,7 @@ __all__ = [
     "WideResNet",
     "TinyCNN",
     "load_checkpoint",
+    "CheckpointMismatch",
     "imagenet_resnet50_weights_path",
     "Normalize",
     "paper_block_matcher",
@@ -229,15 +230,38 @@ def build_model(arch: str, num_classes: int, *, imagenet_init: bool = False, wid
     raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(ARCHS)}")
 
 
+class CheckpointMismatch(ValueError):
+    """A checkpoint's keys or shapes do not match the model (a different architecture or class count)."""
+
+
+def _mismatch(model: nn.Module, state: dict) -> str | None:
+    """One line on how ``state`` differs from ``model.state_dict()``, or None when it fits."""
+    want = model.state_dict()
+    missing = [k for k in want if k not in state]
+    unexpected = [k for k in state if k not in want]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(want[k].shape)}" for k in want
+              if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(want[k].shape)]
+    parts = [f"{label} {len(items)} (e.g. {', '.join(items[:2])})"
+             for label, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                                  ("shape mismatches", shapes)) if items]
+    return "; ".join(parts) or None
+
+
 def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
     """Load a state dict saved as-is, or under 'state_dict' / 'model_state_dict' / 'model' (RobustBench and
-    most training scripts), stripping a DataParallel/DDP 'module.' prefix; strict key matching."""
+    most training scripts), stripping a DataParallel/DDP 'module.' prefix; strict key matching
+    (:class:`CheckpointMismatch` names the differences)."""
     ckpt = torch.load(Path(path), map_location="cpu", weights_only=True)
     for key in ("state_dict", "model_state_dict", "model"):
         if isinstance(ckpt, dict) and key in ckpt and isinstance(ckpt[key], dict):
             ckpt = ckpt[key]
             break
+    if not isinstance(ckpt, dict):
+        raise CheckpointMismatch(f"the file holds a {type(ckpt).__name__}, not a state dict")
     state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in ckpt.items()}
+    problem = _mismatch(model, state)
+    if problem is not None:
+        raise CheckpointMismatch(problem)
     model.load_state_dict(state, strict=True)
     return model
 

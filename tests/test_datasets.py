@@ -512,3 +512,45 @@ def test_celeba_missing_and_malformed(tmp_path):
     with pytest.raises(DatasetLayoutError) as e:
         load_celeba(tmp_path)
     _layout_error(e, "malformed list_attr_celeba.txt line 4")
+
+
+# ------------------------------------------------------------------------------------------------ small copies
+def test_default_split_sizes_on_a_small_copy_are_layout_errors(tmp_path):
+    """The defaults are sized for the full datasets; on a smaller copy the loader says which option to lower
+    (a DatasetLayoutError, like a missing file), instead of a bare ValueError from the split."""
+    _write_cifar10c(tmp_path / "c")  # 15 images per class; the default split takes 100 + 10
+    with pytest.raises(DatasetLayoutError) as e:
+        load_cifar10c(tmp_path / "c", "fog")
+    assert "target_train_per_class=100" in e.value.summary and "has 15" in e.value.summary
+    _write_cifar10_batches(tmp_path / "cifar")  # 60 training images per class; the default holds out 500
+    with pytest.raises(DatasetLayoutError) as e:
+        load_cifar_flip(tmp_path / "cifar", target_train_per_class=4)
+    assert "source_val_per_class=500" in e.value.summary and "has 60" in e.value.summary
+    _write_waterbirds(tmp_path / "wb", per_group=(2, 3, 4, 5))  # the default takes 50 per group
+    with pytest.raises(DatasetLayoutError) as e:
+        load_waterbirds(tmp_path / "wb")
+    assert "target_train_per_group=50" in e.value.summary and "has 2" in e.value.summary
+    _write_waterbirds(tmp_path / "wb2", per_group=(2, 2, 2, 2))
+    with pytest.raises(DatasetLayoutError) as e:  # every validation image taken for training: none left
+        load_waterbirds(tmp_path / "wb2", target_train_per_group=2)
+    assert "leaves none for target validation" in e.value.summary and "--loader-arg" in e.value.summary
+
+
+def test_missing_folders_are_named_as_given(tmp_path):
+    """The error names the folder the caller passed, not a subfolder the loader would also have looked in."""
+    given = str(tmp_path / "birds") + "/"
+    (tmp_path / "birds").mkdir()
+    with pytest.raises(DatasetLayoutError) as e:
+        load_waterbirds(given)
+    assert f"no metadata.csv in {given} " in e.value.summary
+    assert "waterbird_complete95_forest2water2/metadata.csv" not in e.value.summary
+    with pytest.raises(DatasetLayoutError) as e:
+        load_breeds(tmp_path / "birds", TINY)  # neither <root>/breeds nor the files in <root>
+    assert str(tmp_path / "birds" / "breeds") in e.value.summary and "--breeds-info-dir" in e.value.summary
+    with pytest.raises(DatasetLayoutError) as e:
+        load_breeds(tmp_path / "birds", TINY, info_dir="relative/hierarchy/")
+    assert "relative/hierarchy/ " in e.value.summary
+    for loader in (load_cifar10c, load_cifar_flip, load_imagenet_c, load_celeba):
+        with pytest.raises(DatasetLayoutError) as e:
+            loader(tmp_path / "nowhere")
+        assert f"no such folder ({tmp_path / 'nowhere'})" in e.value.summary, loader

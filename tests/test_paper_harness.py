@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -221,3 +223,144 @@ def test_method_expansion_and_blocks():
     assert len(runs) == 3 + 6 and len({r.run_id for r in runs}) == 9
     with pytest.raises(SystemExit):
         paper.build_parser().parse_args(["--shard", "3/3"])
+
+
+# ---------------------------------------------------------------------------------------------- CLI errors
+def _clean_failure(capsys, argv: list[str], out: Path) -> str:
+    """Run the CLI expecting a clean failure: non-zero exit, one line on stderr, no result rows. The line."""
+    try:
+        code = paper.main(argv)
+    except SystemExit as e:  # argparse's own errors exit this way
+        code = e.code
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code not in (0, None), err
+    assert len(lines) == 1, err
+    assert not read_results(out / "results"), "rows were written before the error"
+    return lines[0]
+
+
+def _layout_case(kind: str, tmp: Path) -> tuple[list[str], list[str]]:
+    """(argv, fragments the error line must contain) for one broken or too-small dataset copy."""
+    common = ["--arch", "tiny_cnn", "--epochs", "1", "--workers", "0", "--quiet", "--source-epochs", "1",
+              "--out", str(tmp / "out")]
+    if kind == "cifar10c_no_root":
+        root = str(tmp / "nowhere")
+        return ["--dataset", "cifar10c", "--data-root", root, *common], [root, "zenodo.org/record/2535967"]
+    if kind == "cifar10c_no_labels":
+        (tmp / "empty").mkdir()
+        return (["--dataset", "cifar10c", "--data-root", str(tmp / "empty"), *common],
+                ["labels.npy", str(tmp / "empty"), "zenodo.org/record/2535967"])
+    if kind in ("cifar10c_second_corruption_missing", "cifar10c_defaults_on_small_copy"):
+        argv = _cifar10c_args(tmp, corruptions="fog,snow" if kind.endswith("missing") else "fog")
+        if kind.endswith("missing"):
+            return argv, ["snow.npy", "zenodo.org/record/2535967"]
+        argv = [a for a in argv if a not in ("--loader-arg", "target_train_per_class=5", "target_val_per_class=2")]
+        return argv, ["target_train_per_class", "--loader-arg", "zenodo.org/record/2535967"]
+    if kind == "cifar_flip_defaults_on_small_copy":  # the default 500 source-validation images per class
+        _write_cifar10_batches(tmp / "cifar")
+        return (["--dataset", "cifar_flip", "--data-root", str(tmp / "cifar"), "--loader-arg",
+                 "target_train_per_class=4", *common], ["source_val_per_class", "--loader-arg", "cs.toronto.edu"])
+    if kind == "cifar_flip_no_batches":
+        (tmp / "cifar").mkdir()
+        return (["--dataset", "cifar_flip", "--data-root", str(tmp / "cifar"), *common],
+                [str(tmp / "cifar"), "data_batch_1", "cs.toronto.edu"])
+    if kind == "imagenet_c_no_corruption":
+        (tmp / "inc").mkdir()
+        return (["--dataset", "imagenet_c", "--data-root", str(tmp / "inc"), "--corruptions", "fog", *common],
+                [str(tmp / "inc" / "fog"), "zenodo.org/record/2235448"])
+    if kind == "living17_default_hierarchy_folder":
+        (tmp / "imagenet" / "train").mkdir(parents=True)
+        root = str(tmp / "imagenet")
+        return (["--dataset", "living17", "--data-root", root, *common],
+                [str(Path(root) / "breeds"), "--breeds-info-dir", "BREEDS-Benchmarks"])
+    if kind == "living17_given_hierarchy_folder":
+        (tmp / "imagenet" / "train").mkdir(parents=True)
+        given = str(tmp / "my hierarchy") + "/"  # shown as typed, trailing slash included
+        return (["--dataset", "living17", "--data-root", str(tmp / "imagenet"), "--breeds-info-dir", given,
+                 *common], [given, "class_hierarchy.txt", "BREEDS-Benchmarks"])
+    if kind == "waterbirds_no_metadata":
+        given = str(tmp / "birds")
+        (tmp / "birds").mkdir()
+        return (["--dataset", "waterbirds", "--data-root", given, "--imagenet-init", "0", *common],
+                [f"metadata.csv in {given}", "waterbird_complete95_forest2water2.tar.gz"])
+    if kind == "waterbirds_defaults_on_small_copy":  # 50 labeled images per group, the fixture has 2
+        _write_waterbirds(tmp / "wb", per_group=(2, 2, 2, 2))
+        return (["--dataset", "waterbirds", "--data-root", str(tmp / "wb"), "--imagenet-init", "0", *common],
+                ["target_train_per_group", "--loader-arg", "waterbird_complete95_forest2water2.tar.gz"])
+    if kind == "celeba_no_attributes":
+        (tmp / "celeba").mkdir()
+        return (["--dataset", "celeba", "--data-root", str(tmp / "celeba"), "--imagenet-init", "0", *common],
+                ["list_attr_celeba.txt", str(tmp / "celeba"), "mmlab.ie.cuhk.edu.hk"])
+    raise AssertionError(kind)
+
+
+LAYOUT_CASES = ["cifar10c_no_root", "cifar10c_no_labels", "cifar10c_second_corruption_missing",
+                "cifar10c_defaults_on_small_copy", "cifar_flip_defaults_on_small_copy", "cifar_flip_no_batches",
+                "imagenet_c_no_corruption", "living17_default_hierarchy_folder", "living17_given_hierarchy_folder",
+                "waterbirds_no_metadata", "waterbirds_defaults_on_small_copy", "celeba_no_attributes"]
+
+
+@pytest.mark.parametrize("kind", LAYOUT_CASES)
+def test_layout_errors_are_one_line_naming_the_path_and_the_source(tmp_path, capsys, kind):
+    argv, fragments = _layout_case(kind, tmp_path)
+    line = _clean_failure(capsys, argv, tmp_path / "out")
+    for fragment in fragments:
+        assert fragment in line, (fragment, line)
+    if kind == "waterbirds_no_metadata":  # the folder the user gave, not a subfolder the loader made up
+        assert "waterbird_complete95_forest2water2/metadata.csv" not in line, line
+    if kind == "living17_default_hierarchy_folder":
+        assert "imagenet/class_hierarchy.txt" not in line, line
+
+
+def _bad_argument_case(kind: str, tmp: Path) -> tuple[list[str], str]:
+    """(argv, a fragment the error line must contain) for one bad command line on valid CIFAR-10-C data."""
+    argv = _cifar10c_args(tmp, corruptions="fog", methods="none,all")
+    if kind == "missing_dataset":
+        return ["--data-root", str(tmp), "--out", str(tmp / "out")], "--dataset"
+    if kind == "missing_checkpoint":
+        i = argv.index("--source-checkpoint")
+        argv[i + 1] = str(tmp / "no.pt")
+        return argv, str(tmp / "no.pt")
+    extra = {
+        "lrs": (["--lrs", "0.1,abc"], "--lrs"),
+        "seeds": (["--seeds", "x"], "--seeds"),
+        "method": (["--methods", "none,bogus"], "bogus"),
+        "block": (["--methods", "block:nope"], "layer1"),  # names the blocks there are
+        "loader_key": (["--loader-arg", "nokey=1"], "nokey"),
+        "loader_form": (["--loader-arg", "target_train_per_class"], "KEY=VALUE"),
+        "loader_type": (["--loader-arg", "target_val_per_class=two"], "target_val_per_class"),
+        "corruption": (["--corruptions", "fog,notacorruption"], "notacorruption"),
+        "severity": (["--severity", "9"], "--severity"),
+        "arch_mismatch": (["--arch", "resnet26"], "--arch"),  # the checkpoint is a tiny_cnn
+    }[kind]
+    return argv + extra[0], extra[1]
+
+
+BAD_ARGUMENTS = ["missing_dataset", "missing_checkpoint", "lrs", "seeds", "method", "block", "loader_key",
+                 "loader_form", "loader_type", "corruption", "severity", "arch_mismatch"]
+
+
+@pytest.mark.parametrize("kind", BAD_ARGUMENTS)
+def test_bad_arguments_are_one_line(tmp_path, capsys, kind):
+    argv, fragment = _bad_argument_case(kind, tmp_path)
+    line = _clean_failure(capsys, argv, tmp_path / "out")
+    assert fragment in line, line
+    assert "Traceback" not in line
+
+
+def test_debug_flag_shows_the_traceback(tmp_path):
+    argv, _ = _layout_case("cifar10c_no_labels", tmp_path)
+    with pytest.raises(FileNotFoundError, match="labels.npy"):
+        paper.main(argv + ["--debug"])
+
+
+def test_command_line_prints_one_line_and_exits_non_zero(tmp_path):
+    """The module run as a program (what users type): no traceback, one line, exit status non-zero."""
+    missing = str(tmp_path / "CIFAR-10-C")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.paper", "--dataset", "cifar10c", "--data-root", missing,
+                           "--out", str(tmp_path / "out"), "--quiet"], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert missing in proc.stderr and "zenodo.org" in proc.stderr

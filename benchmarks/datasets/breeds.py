@@ -53,8 +53,8 @@ from .common import (
     DatasetLayoutError,
     ImageFileDataset,
     imagenet_eval_transform,
-    per_class_split,
     sorted_files,
+    split_or_layout_error,
 )
 from .imagenet_c import IMAGE_SUFFIXES
 
@@ -109,10 +109,12 @@ class BreedsHierarchy:
     """The BREEDS class hierarchy, parsed from its three files in their published format."""
 
     def __init__(self, info_dir: str | Path, root_wnid: str = ROOT_WNID):
-        info_dir = Path(info_dir)
+        given, info_dir = info_dir, Path(info_dir)
+        if not info_dir.is_dir():
+            raise _err(f"no hierarchy folder {given} (the folder of {', '.join(HIERARCHY_FILES)})")
         for f in HIERARCHY_FILES:
             if not (info_dir / f).is_file():
-                raise _err("missing hierarchy file", info_dir / f)
+                raise _err(f"missing hierarchy file {f} in the BREEDS hierarchy folder {given}")
         # dataset_class_info.json: [[num, wnid, name], ...]
         p = info_dir / "dataset_class_info.json"
         try:
@@ -286,6 +288,16 @@ def make_breeds_split(
     return BreedsSplit(spec.name, supers, [h.name(s) for s in supers], source, target)
 
 
+def _default_info_dir(root: Path) -> Path:
+    """``<root>/breeds`` when it exists, else ``<root>`` when it holds the hierarchy files."""
+    if (root / "breeds").is_dir():
+        return root / "breeds"
+    if all((root / f).is_file() for f in HIERARCHY_FILES):
+        return root
+    raise _err(f"no hierarchy folder {root / 'breeds'} (the default: the folder of "
+               f"{', '.join(HIERARCHY_FILES)}; they are not in {root} either); pass the folder with --breeds-info-dir")
+
+
 def _class_files(folder: Path, wnid: str) -> list[Path]:
     d = folder / wnid
     if not d.is_dir():
@@ -312,9 +324,11 @@ def load_breeds(
     """Living-17 / Entity-30 (or a custom :class:`BreedsSpec`) from an ImageNet folder and the hierarchy files."""
     if isinstance(spec, str):
         spec = {"living17": LIVING17, "entity30": ENTITY30}[spec]
-    root = Path(root)
+    given, root = root, Path(root)
+    if not root.is_dir():
+        raise _err("no such folder", given)
     if info_dir is None:
-        info_dir = root / "breeds" if (root / "breeds").is_dir() else root
+        info_dir = _default_info_dir(root)
     split = make_breeds_split(info_dir, spec, split_seed=split_seed, strict=strict)
     for sub in ("train", "val"):
         if not (root / sub).is_dir():
@@ -336,10 +350,12 @@ def load_breeds(
     s_va_p, s_va_y = gather(root / "val", split.source)
     t_pool_p, t_pool_y = gather(root / "train", split.target)
     t_te_p, t_te_y = gather(root / "val", split.target)
-    try:
-        t_tr, t_va = per_class_split(t_pool_y, [target_train_per_class, target_val_per_class], seed)
-    except ValueError as e:
-        raise _err(f"too few target training images per superclass: {e}", root / "train") from None
+    t_tr, t_va = split_or_layout_error(
+        t_pool_y, [target_train_per_class, target_val_per_class], seed,
+        options=("target_train_per_class", "target_val_per_class"),
+        what=f"target split (ImageNet train images of the target subclasses in {root / 'train'})", error=_err,
+        unit="superclass",
+    )
     return BenchmarkData(
         name=spec.name,
         num_classes=len(split.superclasses),

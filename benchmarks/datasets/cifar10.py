@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import ArrayImageDataset, BenchmarkData, DatasetLayoutError, per_class_split
+from .common import ArrayImageDataset, BenchmarkData, DatasetLayoutError, split_or_layout_error
 
 __all__ = ["load_cifar10_arrays", "derangement", "load_cifar_flip", "CIFAR10_URL", "CIFAR10_LAYOUT"]
 
@@ -39,48 +39,44 @@ CIFAR10_LAYOUT = """\
 """
 
 
-def _batch_dir(root: Path) -> Path:
+def _err(problem: str, path: str | Path | None = None) -> DatasetLayoutError:
+    return DatasetLayoutError(problem, dataset="CIFAR-10", layout=CIFAR10_LAYOUT, url=CIFAR10_URL, path=path)
+
+
+def _batch_dir(given: str | Path) -> Path:
+    """The folder holding the batches: ``given`` or its ``cifar-10-batches-py/`` subfolder. Errors name the
+    folder as the caller gave it."""
+    root = Path(given)
+    if not root.is_dir():
+        raise _err("no such folder", given)
     for cand in (root / "cifar-10-batches-py", root):
         if (cand / "test_batch").is_file() or (cand / "data_batch_1").is_file():
             return cand
-    return root / "cifar-10-batches-py"
+    raise _err(f"no CIFAR-10 python batches (data_batch_1..5, test_batch) in {given} (nor in its "
+               "cifar-10-batches-py/ subfolder)")
 
 
 def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if not path.is_file():
-        raise DatasetLayoutError("missing file", dataset="CIFAR-10", layout=CIFAR10_LAYOUT, url=CIFAR10_URL, path=path)
+        raise _err("missing file", path)
     try:
         with open(path, "rb") as f:
             d = pickle.load(f, encoding="bytes")
         data = np.asarray(d[b"data"], dtype=np.uint8)
         labels = np.asarray(d[b"labels"], dtype=np.int64)
     except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, AttributeError) as e:
-        raise DatasetLayoutError(
-            f"malformed batch file ({type(e).__name__}: {e})",
-            dataset="CIFAR-10",
-            layout=CIFAR10_LAYOUT,
-            url=CIFAR10_URL,
-            path=path,
-        ) from None
+        raise _err(f"malformed batch file ({type(e).__name__}: {e})", path) from None
     if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
-        raise DatasetLayoutError(
-            f"malformed batch file (data shape {data.shape}, {len(labels)} labels; expected (N, 3072) and N labels)",
-            dataset="CIFAR-10",
-            layout=CIFAR10_LAYOUT,
-            url=CIFAR10_URL,
-            path=path,
-        )
+        raise _err(f"malformed batch file (data shape {data.shape}, {len(labels)} labels; expected (N, 3072) and "
+                   "N labels)", path)
     if labels.size and (labels.min() < 0 or labels.max() > 9):
-        raise DatasetLayoutError(
-            "malformed batch file (labels outside 0..9)", dataset="CIFAR-10", layout=CIFAR10_LAYOUT,
-            url=CIFAR10_URL, path=path,
-        )
+        raise _err("malformed batch file (labels outside 0..9)", path)
     return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
 
 
 def load_cifar10_arrays(root: str | Path, train: bool) -> tuple[np.ndarray, np.ndarray]:
     """CIFAR-10 images ``N x 32 x 32 x 3`` uint8 and labels, from the python batches under ``root``."""
-    d = _batch_dir(Path(root))
+    d = _batch_dir(root)
     names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
     parts = [_read_batch(d / n) for n in names]
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
@@ -112,10 +108,14 @@ def load_cifar_flip(
     xtr, ytr = load_cifar10_arrays(root, train=True)
     xte, yte = load_cifar10_arrays(root, train=False)
     perm = derangement(10, flip_seed)
-    s_val, s_train = per_class_split(ytr, [source_val_per_class, None], split_seed)
+    s_val, s_train = split_or_layout_error(ytr, [source_val_per_class, None], split_seed,
+                                           options=("source_val_per_class", ""), what="source validation split",
+                                           error=_err)
     yflip = perm[yte]
-    t_train, t_val, t_test = per_class_split(
-        yflip, [target_train_per_class, target_val_per_class, target_test_per_class], split_seed
+    t_train, t_val, t_test = split_or_layout_error(
+        yflip, [target_train_per_class, target_val_per_class, target_test_per_class], split_seed,
+        options=("target_train_per_class", "target_val_per_class", "target_test_per_class"),
+        what="target split (of test_batch)", error=_err,
     )
     return BenchmarkData(
         name="cifar_flip",

@@ -25,8 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .cifar10 import _err as _cifar10_err
 from .cifar10 import load_cifar10_arrays
-from .common import ArrayImageDataset, BenchmarkData, DatasetLayoutError, per_class_split
+from .common import ArrayImageDataset, BenchmarkData, DatasetLayoutError, split_or_layout_error
 
 __all__ = ["CORRUPTIONS", "EXTRA_CORRUPTIONS", "ALL_CORRUPTIONS", "load_cifar10c", "CIFAR10C_URL", "CIFAR10C_LAYOUT"]
 
@@ -67,10 +68,16 @@ def _err(problem: str, path: Path | None = None) -> DatasetLayoutError:
     return DatasetLayoutError(problem, dataset="CIFAR-10-C", layout=CIFAR10C_LAYOUT, url=CIFAR10C_URL, path=path)
 
 
-def _find_root(root: Path) -> Path:
-    if not (root / "labels.npy").is_file() and (root / "CIFAR-10-C" / "labels.npy").is_file():
-        return root / "CIFAR-10-C"
-    return root
+def _find_root(given: str | Path) -> Path:
+    """The folder holding ``labels.npy``: ``given`` itself or its ``CIFAR-10-C/`` subfolder. Errors name the
+    folder as the caller gave it."""
+    root = Path(given)
+    if not root.is_dir():
+        raise _err("no such folder", given)
+    for cand in (root, root / "CIFAR-10-C"):
+        if (cand / "labels.npy").is_file():
+            return cand
+    raise _err(f"no labels.npy in {given} (nor in its CIFAR-10-C/ subfolder)")
 
 
 def _load_npy(path: Path) -> np.ndarray:
@@ -100,7 +107,7 @@ def load_cifar10c(
         raise ValueError(f"unknown CIFAR-10-C corruption {corruption!r}; known: {', '.join(ALL_CORRUPTIONS)}")
     if severity not in (1, 2, 3, 4, 5):
         raise ValueError(f"severity must be in 1..5, got {severity}")
-    root = _find_root(Path(root))
+    root = _find_root(root)
     labels_all = _load_npy(root / "labels.npy")
     images = _load_npy(root / f"{corruption}.npy")
     n = images.shape[0] if images.ndim else 0
@@ -117,11 +124,17 @@ def load_cifar10c(
     labels = np.asarray(labels_all[lo:hi], dtype=np.int64)
     if labels.min() < 0 or labels.max() > 9:
         raise _err("labels.npy has labels outside 0..9", root / "labels.npy")
-    tr, va, te = per_class_split(labels, [target_train_per_class, target_val_per_class, target_test_per_class], seed)
+    tr, va, te = split_or_layout_error(
+        labels, [target_train_per_class, target_val_per_class, target_test_per_class], seed,
+        options=("target_train_per_class", "target_val_per_class", "target_test_per_class"),
+        what=f"target split of {corruption}.npy (severity {severity})", error=_err,
+    )
     src_train = src_val = None
     if cifar10_root is not None:
         xs, ys = load_cifar10_arrays(cifar10_root, train=True)
-        s_val, s_train = per_class_split(ys, [source_val_per_class, None], seed)
+        s_val, s_train = split_or_layout_error(ys, [source_val_per_class, None], seed,
+                                               options=("source_val_per_class", ""), what="source validation split",
+                                               error=_cifar10_err)
         src_train = ArrayImageDataset(xs, s_train, ys[s_train], transform)
         src_val = ArrayImageDataset(xs, s_val, ys[s_val], transform)
     return BenchmarkData(

@@ -31,6 +31,7 @@ __all__ = [
     "imagenet_train_transform",
     "require_file",
     "require_dir",
+    "split_or_layout_error",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
 ]
@@ -59,6 +60,13 @@ class DatasetLayoutError(FileNotFoundError):
             f"The data is published at: {url}"
         )
         super().__init__(msg)
+
+    @property
+    def summary(self) -> str:
+        """The error on one line, for command lines: what is wrong, the path, where the data comes from."""
+        where = f" ({self.path})" if self.path is not None else ""
+        line = f"{self.dataset}: {self.problem}{where}; data: {self.url}; layout: benchmarks/README.md, 'Datasets'"
+        return " ".join(line.split())
 
     def __reduce__(self):  # keep the exception picklable (DataLoader workers, multiprocessing)
         return (
@@ -137,6 +145,32 @@ def per_class_split(
             parts[p].append(idx[start:stop])
             start = min(stop, len(idx))
     return [np.sort(np.concatenate(p)) if p else np.zeros(0, dtype=np.int64) for p in parts]
+
+
+def split_or_layout_error(
+    labels: Sequence[int] | np.ndarray,
+    counts: Sequence[int | None],
+    seed: int,
+    *,
+    options: Sequence[str],
+    what: str,
+    error: Callable[[str], DatasetLayoutError],
+    unit: str = "class",
+) -> list[np.ndarray]:
+    """:func:`per_class_split`, but a class with too few items is a :class:`DatasetLayoutError` naming the
+    loader options (``options``, one per count) to lower on a smaller copy of the data."""
+    try:
+        return per_class_split(labels, counts, seed)
+    except ValueError:
+        need = {o: c for o, c in zip(options, counts) if c is not None}
+        sizes = np.unique(np.asarray(labels), return_counts=True)[1]
+        fewest = int(sizes.min()) if len(sizes) else 0
+        settings = ", ".join(f"{o}={c}" for o, c in need.items())
+        fix = " ".join(f"--loader-arg {o}=N" for o in need)
+        raise error(
+            f"too few images for the {what}: the smallest {unit} has {fewest}, the split takes {settings} "
+            f"per {unit}; on a smaller copy lower them ({fix})"
+        ) from None
 
 
 def imagenet_eval_transform(resize: int = 256, crop: int = 224) -> Callable:

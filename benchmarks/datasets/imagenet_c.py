@@ -38,8 +38,8 @@ from .common import (
     DatasetLayoutError,
     ImageFileDataset,
     imagenet_eval_transform,
-    per_class_split,
     sorted_files,
+    split_or_layout_error,
 )
 
 __all__ = ["load_imagenet_c", "imagenet_c_transform", "IMAGENET_C_URL", "IMAGENET_C_LAYOUT", "IMAGE_SUFFIXES"]
@@ -88,6 +88,8 @@ def load_imagenet_c(
         raise ValueError(f"unknown ImageNet-C corruption {corruption!r}; known: {', '.join(ALL_CORRUPTIONS)}")
     if severity not in (1, 2, 3, 4, 5):
         raise ValueError(f"severity must be in 1..5, got {severity}")
+    if not Path(root).is_dir():
+        raise _err("no such folder", root)
     base = Path(root) / corruption / str(severity)
     if not (Path(root) / corruption).is_dir():
         raise _err("missing corruption directory", Path(root) / corruption)
@@ -119,12 +121,11 @@ def load_imagenet_c(
         paths.extend(files)
         labels.extend([index[w]] * len(files))
     lab = np.asarray(labels)
-    try:
-        tr, va, te = per_class_split(
-            lab, [target_train_per_class, target_val_per_class, target_test_per_class], seed
-        )
-    except ValueError as e:
-        raise _err(f"too few images per class for the split: {e}", base) from None
+    tr, va, te = split_or_layout_error(
+        lab, [target_train_per_class, target_val_per_class, target_test_per_class], seed,
+        options=("target_train_per_class", "target_val_per_class", "target_test_per_class"),
+        what=f"target split of {base}", error=_err,
+    )
     tf = transform if transform is not None else imagenet_c_transform(resize)
 
     def make(idx: np.ndarray) -> ImageFileDataset:

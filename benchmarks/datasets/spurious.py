@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -49,7 +50,7 @@ from .common import (
     DatasetLayoutError,
     ImageFileDataset,
     imagenet_eval_transform,
-    per_class_split,
+    split_or_layout_error,
 )
 
 __all__ = [
@@ -94,20 +95,35 @@ def _source_target(
     source_val_fraction: float,
     target_train_per_group: int,
     target_val_per_group: int | None,
+    error: Callable[[str], DatasetLayoutError],
 ) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     src = np.flatnonzero(split == 0)
     src = src[rng.permutation(len(src))]
     n_val = int(round(source_val_fraction * len(src)))
     pool = np.flatnonzero(split == 1)
-    tr, va = per_class_split(groups[pool], [target_train_per_group, target_val_per_group], seed, strict=False)
-    return {
+    if len(pool) == 0:
+        raise error("no images in the official validation split (split 1), where the target splits come from")
+    tr, va = split_or_layout_error(
+        groups[pool], [target_train_per_group, target_val_per_group], seed,
+        options=("target_train_per_group", "target_val_per_group"), what="target split (of the official validation split)",
+        error=error, unit="group",
+    )
+    idx = {
         "source_train": np.sort(src[n_val:]),
         "source_val": np.sort(src[:n_val]),
         "target_train": pool[tr],
         "target_val": pool[va],
         "target_test": np.flatnonzero(split == 2),
     }
+    if len(idx["target_val"]) == 0:
+        raise error(f"too few images for the target split: target_train_per_group={target_train_per_group} takes "
+                    "every image of the official validation split and leaves none for target validation; on a "
+                    "smaller copy lower it (--loader-arg target_train_per_group=N)")
+    for name, where in (("source_train", "training split (split 0)"), ("target_test", "test split (split 2)")):
+        if len(idx[name]) == 0:
+            raise error(f"no images for {name}: the official {where} is empty")
+    return idx
 
 
 def _bundle(name, paths, y, g, idx, tf, info) -> BenchmarkData:
@@ -134,13 +150,16 @@ def _wb_err(problem: str, path: Path | None = None) -> DatasetLayoutError:
     return DatasetLayoutError(problem, dataset="Waterbirds", layout=WATERBIRDS_LAYOUT, url=WATERBIRDS_URL, path=path)
 
 
-def _waterbirds_dir(root: Path) -> Path:
-    if (root / "metadata.csv").is_file():
-        return root
-    for d in WATERBIRDS_DIRS:
-        if (root / d / "metadata.csv").is_file():
-            return root / d
-    return root / WATERBIRDS_DIRS[0]
+def _waterbirds_dir(given: str | Path) -> Path:
+    """The folder holding ``metadata.csv``: ``given`` or one of the release's folder names inside it. Errors
+    name the folder as the caller gave it."""
+    root = Path(given)
+    if not root.is_dir():
+        raise _wb_err("no such folder", given)
+    for d in (root, *(root / name for name in WATERBIRDS_DIRS)):
+        if (d / "metadata.csv").is_file():
+            return d
+    raise _wb_err(f"no metadata.csv in {given} (nor in its {'/ or '.join(WATERBIRDS_DIRS)}/ subfolder)")
 
 
 def read_waterbirds_metadata(path: Path) -> dict[str, np.ndarray | list[str]]:
@@ -180,7 +199,7 @@ def load_waterbirds(
     check_files: bool = True,
 ) -> BenchmarkData:
     """Waterbirds source/target splits with group labels (see the module docstring)."""
-    d = _waterbirds_dir(Path(root))
+    d = _waterbirds_dir(root)
     meta = read_waterbirds_metadata(d / "metadata.csv")
     paths = [d / f for f in meta["img_filename"]]
     if check_files:
@@ -191,7 +210,7 @@ def load_waterbirds(
     g = 2 * y + place
     idx = _source_target(
         y, g, meta["split"], seed=seed, source_val_fraction=source_val_fraction,
-        target_train_per_group=target_train_per_group, target_val_per_group=target_val_per_group,
+        target_train_per_group=target_train_per_group, target_val_per_group=target_val_per_group, error=_wb_err,
     )
     tf = transform if transform is not None else imagenet_eval_transform()
     return _bundle("waterbirds", paths, y, g, idx, tf, {"seed": seed, "groups": "2*y + place"})
@@ -200,6 +219,18 @@ def load_waterbirds(
 # --------------------------------------------------------------------------------------------- CelebA
 def _ce_err(problem: str, path: Path | None = None) -> DatasetLayoutError:
     return DatasetLayoutError(problem, dataset="CelebA", layout=CELEBA_LAYOUT, url=CELEBA_URL, path=path)
+
+
+def _celeba_dir(given: str | Path) -> Path:
+    """The folder holding ``list_attr_celeba.txt``: ``given`` or its ``celeba/`` subfolder. Errors name the
+    folder as the caller gave it."""
+    root = Path(given)
+    if not root.is_dir():
+        raise _ce_err("no such folder", given)
+    for d in (root, root / "celeba"):
+        if (d / "list_attr_celeba.txt").is_file():
+            return d
+    raise _ce_err(f"no list_attr_celeba.txt in {given} (nor in its celeba/ subfolder)")
 
 
 def read_celeba_attributes(path: Path) -> tuple[list[str], list[str], np.ndarray]:
@@ -269,9 +300,7 @@ def load_celeba(
     check_files: bool = True,
 ) -> BenchmarkData:
     """CelebA source/target splits with group labels 2*y + spurious (see the module docstring)."""
-    root = Path(root)
-    if not (root / "list_attr_celeba.txt").is_file() and (root / "celeba" / "list_attr_celeba.txt").is_file():
-        root = root / "celeba"
+    root = _celeba_dir(root)
     names, files, attrs = read_celeba_attributes(root / "list_attr_celeba.txt")
     part = read_celeba_partition(root / "list_eval_partition.txt")
     for a in (target_attr, spurious_attr):
@@ -295,7 +324,7 @@ def load_celeba(
     split = np.asarray([part[f] for f in files], dtype=np.int64)
     idx = _source_target(
         y, g, split, seed=seed, source_val_fraction=source_val_fraction,
-        target_train_per_group=target_train_per_group, target_val_per_group=target_val_per_group,
+        target_train_per_group=target_train_per_group, target_val_per_group=target_val_per_group, error=_ce_err,
     )
     tf = transform if transform is not None else celeba_transform()
     return _bundle(
