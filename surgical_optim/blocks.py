@@ -32,9 +32,24 @@ applies:
      (``features.0`` ... / ``trunk_output.block1`` ...); every other top-level child is one block
      (``stem``, ``norm``, ``classifier``, ``head``, ``fc``).
 
-4. Fallback: top-level children in order; a top-level nn.Sequential / ModuleList / ModuleDict is
-   expanded one level so that each element is a block (``features.0``, ``features.1``...); a
-   parameter registered directly on the module is a block named after the parameter.
+4. Fallback: the model's children in order, each a block named after its attribute (``stem``,
+   ``norm``, ``head``; never merged, since these names are how users select blocks); a parameter
+   registered directly on the model is a block named after the parameter. A child that is an
+   nn.Sequential / ModuleList / ModuleDict is split by what it holds, telling *layers* (modules
+   holding their parameters themselves: conv, norm, linear, embedding) from *composite* modules
+   (holding parameters in submodules: residual blocks, transformer layers, nested Sequentials):
+
+   * a container of layers is one block: ``stem = nn.Sequential(conv, bn, relu)`` is ``stem``;
+   * a container with a composite element is split, one block per composite element
+     (``stages.0``, ``stages.1``...) and one per run of consecutive layers, named after its first
+     and last layer (``body.0-1`` for a conv + bn in front of residual blocks; a lone layer keeps
+     its own name, ``body.5``);
+   * parameterless elements (activations, pooling, dropout) form no block, are neither layers nor
+     composite, and do not interrupt a run of layers.
+
+   A model that is itself a container is split the same way at the top level (``0-1``, ``3``,
+   ``4``...), its container elements in turn as above; made of layers only, it is one block per
+   layer (``0``, ``2``... for an MLP).
 
 Rules 2 to 4 look through wrappers whose parameters all sit in a single child and that have no
 parameters of their own (DistributedDataParallel's ``module``, ``torch.compile``'s ``_orig_mod``, a
@@ -62,6 +77,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Optional, SupportsInt, Union
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 __all__ = [
     "BlockMatcher",
@@ -540,20 +556,81 @@ def _make_unique(labels: list[str]) -> list[str]:
 
 
 def _fallback_grouping(module: nn.Module, names: list[str]) -> _Grouping:
-    """Top-level children in order, top-level containers expanded one level."""
-    containers = {
-        name
-        for name, child in module.named_children()
-        if isinstance(child, (nn.Sequential, nn.ModuleList, nn.ModuleDict))
-    }
+    """Rule 4 of the module docstring: the top level in order, containers split by content."""
+    if isinstance(module, _CONTAINERS):
+        # The model is itself a container: its elements are the top level. Made only of layers,
+        # it has nothing coarser to offer than one block per layer.
+        top = _container_blocks(module, "", merge_layers=_has_composite(module))
+    else:
+        # Attributes are the user's own names for the parts, so each stays a block of its own.
+        top = [(key, [key]) for key, child in module._modules.items() if child is not None]
+    block_of_path: dict[str, str] = {}
+    for label, keys in top:
+        child = module._modules[keys[0]]
+        if len(keys) == 1 and isinstance(child, _CONTAINERS) and _has_composite(child):
+            for sub_label, sub_keys in _container_blocks(child, label + ".", merge_layers=True):
+                block_of_path.update((f"{label}.{key}", sub_label) for key in sub_keys)
+        else:
+            block_of_path.update((key, label) for key in keys)
 
     def block_of(name: str) -> str:
         parts = name.split(".")
-        if parts[0] in containers and len(parts) > 2:
-            return f"{parts[0]}.{parts[1]}"
-        return parts[0]  # a child's name, or a parameter registered directly on the module
+        if len(parts) > 2 and f"{parts[0]}.{parts[1]}" in block_of_path:
+            return block_of_path[f"{parts[0]}.{parts[1]}"]
+        # A top-level child, or a parameter registered directly on the model or on a container.
+        return block_of_path.get(parts[0], parts[0]) if len(parts) > 1 else parts[0]
 
     return _group_by_block_fn(names, block_of, order=())
+
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def _container_blocks(
+    container: nn.Module, prefix: str, merge_layers: bool
+) -> list[tuple[str, list[str]]]:
+    """(block name, element keys) of a container split into blocks, in order.
+
+    Each composite element is a block. With ``merge_layers``, consecutive layers form one block
+    (a stem of conv + bn, a transition, a final norm + classifier), named after its first and last
+    element (``body.0-1``); without, each layer is a block. Parameterless elements (activations,
+    pooling, dropout) belong to no block and do not interrupt a run of layers.
+    """
+    runs: list[list[str]] = []
+    in_run = False
+    for key, child in container._modules.items():
+        if child is None or not _has_parameters(child):
+            continue
+        layer = not _is_composite(child)
+        if layer and in_run and merge_layers:
+            runs[-1].append(key)
+        else:
+            runs.append([key])
+        in_run = layer
+    labels = [prefix + (keys[0] if len(keys) == 1 else f"{keys[0]}-{keys[-1]}") for keys in runs]
+    return list(zip(_make_unique(labels), runs))
+
+
+def _has_parameters(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters())
+
+
+def _is_composite(module: nn.Module) -> bool:
+    """Whether some parameters sit in a submodule: a residual block, a transformer layer...
+
+    A layer (conv, norm, linear, embedding) holds its parameters itself; torch's parametrizations
+    (weight_norm, spectral_norm...) move them into a ``parametrizations`` submodule, which still
+    makes a layer, not a composite module.
+    """
+    skip = "parametrizations" if parametrize.is_parametrized(module) else None
+    return any(
+        child is not None and key != skip and _has_parameters(child)
+        for key, child in module._modules.items()
+    )
+
+
+def _has_composite(container: nn.Module) -> bool:
+    return any(child is not None and _is_composite(child) for child in container._modules.values())
 
 
 # --------------------------------------------------------------------------------------------------

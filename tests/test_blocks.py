@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import collections
+
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -53,6 +55,17 @@ def block_of(model, param_name):
     return next(b for b, members in named_blocks(model) if param_name in members)
 
 
+class _Layer(nn.Module):
+    """A composite module (its weights sit in a submodule), so a container of them is split."""
+
+    def __init__(self, n_in, n_out):
+        super().__init__()
+        self.linear = nn.Linear(n_in, n_out)
+
+    def forward(self, x):
+        return self.linear(x)
+
+
 class Tiny(nn.Module):
     """stem | body.0 | body.2 | head, by the fallback rule."""
 
@@ -60,7 +73,7 @@ class Tiny(nn.Module):
         super().__init__()
         self.stem = nn.Linear(2, 3)
         self.act = nn.ReLU()  # no parameters: no block
-        self.body = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 4))
+        self.body = nn.Sequential(_Layer(3, 3), nn.ReLU(), _Layer(3, 4))
         self.head = nn.Linear(4, 1)
 
 
@@ -309,11 +322,11 @@ def test_hf_vit_layers_stack():
 def test_parameter_shared_in_two_places_counted_once():
     model = Tiny()
     model.head = nn.Linear(3, 3)
-    model.head.weight = model.body[0].weight  # the same Parameter in body.0 and head
+    model.head.weight = model.body[0].linear.weight  # the same Parameter in body.0 and head
     groups = param_groups_by_block(model, trainable_only=False)
     assert sum(p is model.head.weight for g in groups for p in g["params"]) == 1
     # First name wins: body.0 comes before head in named_parameters().
-    assert block_of(model, "body.0.weight") == "body.0"
+    assert block_of(model, "body.0.linear.weight") == "body.0"
     assert dict(named_blocks(model))["head"] == {"head.bias"}
     assert trainable_report(model).total_params == sum(p.numel() for p in model.parameters())
     assert_exact_partition(model)
@@ -346,6 +359,198 @@ def test_wrappers_are_looked_through(resnet18, wrap):
     assert block_names(wrapped) == block_names(resnet18)
     # The fallback names are full paths of the wrapper's parameters.
     assert block_names(wrap(Tiny()))[0].endswith(".stem")
+
+
+# --------------------------------------------------------------------------------------------------
+# Fallback: a container of leaf layers is one block, a container of composite modules is split
+# --------------------------------------------------------------------------------------------------
+
+
+def _conv_bn(c_in, c_out):
+    return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out)]
+
+
+class _Residual(nn.Module):
+    """A residual block as users write it: composite, since its layers are submodules."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv1, self.bn1 = _conv_bn(c, c)
+        self.conv2, self.bn2 = _conv_bn(c, c)
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(x + self.bn2(self.conv2(y)))
+
+
+class StemStagesHead(nn.Module):
+    """The common hand-written CNN: a stem of layers, a ModuleList of residual stages, a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(*_conv_bn(3, 4), nn.ReLU(), nn.MaxPool2d(2))
+        self.stages = nn.ModuleList(
+            [nn.Sequential(_Residual(4), _Residual(4)), nn.Sequential(_Residual(4))]
+        )
+        self.head = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(), nn.Linear(4, 2)
+        )
+
+    def forward(self, x):
+        x = self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+        return self.head(x)
+
+
+def test_fallback_stem_of_layers_is_one_block():
+    model = StemStagesHead()
+    blocks = dict(named_blocks(model))
+    assert list(blocks) == ["stem", "stages.0", "stages.1", "head"]
+    assert blocks["stem"] == {"stem.0.weight", "stem.1.weight", "stem.1.bias"}
+    assert blocks["head"] == {"head.3.weight", "head.3.bias"}
+    groups = select_blocks(model, "first")  # the paper's first block: the whole stem
+    assert [g["name"] for g in groups] == ["stem"]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"stem.0.weight", "stem.1.weight", "stem.1.bias"}
+    assert_exact_partition(model)
+
+
+def test_fallback_parametrized_layer_is_still_a_layer():
+    # weight_norm moves the weight into a "parametrizations" submodule; the conv is still a layer.
+    model = StemStagesHead()
+    model.stem[0] = nn.utils.parametrizations.weight_norm(model.stem[0])
+    assert block_names(model) == ["stem", "stages.0", "stages.1", "head"]
+    assert_exact_partition(model)
+
+
+def _conv_bn_relu(c_in, c_out, *extra):
+    return nn.Sequential(*_conv_bn(c_in, c_out), nn.ReLU(), *extra)
+
+
+def _sequential_of_sequentials():
+    return nn.Sequential(
+        _conv_bn_relu(3, 4),
+        _conv_bn_relu(4, 8, nn.MaxPool2d(2)),
+        nn.Sequential(nn.Flatten(), nn.Linear(8, 2)),
+    )
+
+
+class _Holder(nn.Module):
+    """A LightningModule-like wrapper: all parameters in self.net."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+
+@pytest.mark.parametrize(
+    ("build", "expected"),
+    [
+        (_sequential_of_sequentials, ["0", "1", "2"]),
+        (lambda: _Holder(_sequential_of_sequentials()), ["net.0", "net.1", "net.2"]),
+        # A stage of residual blocks inside the model's Sequential is split, its stem is not.
+        (
+            lambda: nn.Sequential(
+                _conv_bn_relu(3, 4),
+                nn.Sequential(_Residual(4), _Residual(4)),
+                nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)),
+            ),
+            ["0", "1.0", "1.1", "2"],
+        ),
+    ],
+    ids=["model", "wrapped", "with-a-stage"],
+)
+def test_fallback_sequential_of_sequentials(build, expected):
+    model = build()
+    assert block_names(model) == expected
+    assert_exact_partition(model)
+
+
+def test_fallback_sequential_model_of_layers_and_blocks():
+    # The model itself is a Sequential: conv + bn form the stem; the residual blocks stay apart.
+    model = nn.Sequential(
+        *_conv_bn(3, 4), nn.ReLU(),  # 0, 1, 2
+        _Residual(4), _Residual(4),  # 3, 4
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2),  # 5, 6, 7
+    )
+    blocks = dict(named_blocks(model))
+    assert list(blocks) == ["0-1", "3", "4", "7"]
+    assert blocks["0-1"] == {"0.weight", "1.weight", "1.bias"}
+    assert blocks["7"] == {"7.weight", "7.bias"}
+    assert_exact_partition(model)
+
+
+def test_fallback_sequential_model_of_layers_only_splits_per_layer():
+    # With nothing else to split, the model's own layers are its blocks.
+    model = nn.Sequential(
+        nn.Linear(4, 8), nn.ReLU(), nn.Dropout(), nn.Linear(8, 8), nn.Linear(8, 2)
+    )
+    assert block_names(model) == ["0", "3", "4"]
+    assert_exact_partition(model)
+
+
+def test_fallback_container_mixing_layers_and_blocks():
+    """Consecutive layers form one block; each composite module is a block; pooling joins none."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(
+                *_conv_bn(3, 4), nn.ReLU(),  # 0, 1, 2: the stem
+                _Residual(4), _Residual(4),  # 3, 4
+                *_conv_bn(4, 4), nn.MaxPool2d(2),  # 5, 6, 7: a transition
+                _Residual(4),  # 8
+            )
+            self.head = nn.Linear(4, 2)
+
+    model = Net()
+    blocks = dict(named_blocks(model))
+    assert list(blocks) == ["body.0-1", "body.3", "body.4", "body.5-6", "body.8", "head"]
+    assert blocks["body.5-6"] == {"body.5.weight", "body.6.weight", "body.6.bias"}
+    assert_exact_partition(model)
+
+
+class TinyTransformer(nn.Module):
+    """Embeddings in a ModuleDict, a ModuleList of encoder layers, a final norm and a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.ModuleDict({"tokens": nn.Embedding(10, 8), "positions": nn.Embedding(4, 8)})
+        self.drop = nn.Dropout()
+        self.layers = nn.ModuleList(
+            [nn.TransformerEncoderLayer(8, 2, 16, batch_first=True) for _ in range(3)]
+        )
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 3)
+
+
+def test_fallback_transformer():
+    model = TinyTransformer()
+    blocks = dict(named_blocks(model))
+    assert list(blocks) == ["embed", "layers.0", "layers.1", "layers.2", "norm", "head"]
+    assert blocks["embed"] == {"embed.tokens.weight", "embed.positions.weight"}
+    assert all(n.startswith("layers.1.") for n in blocks["layers.1"])
+    assert_exact_partition(model)
+
+
+def test_fallback_torchvision_models_without_a_rule():
+    # ShuffleNetV2: conv1 and conv5 are Sequentials of conv + bn + relu; stages of 4, 8, 4 units.
+    shufflenet = on_meta(torchvision.models.shufflenet_v2_x0_5, weights=None)
+    assert block_names(shufflenet) == [
+        "conv1",
+        *(f"stage2.{i}" for i in range(4)),
+        *(f"stage3.{i}" for i in range(8)),
+        *(f"stage4.{i}" for i in range(4)),
+        "conv5",
+        "fc",
+    ]
+    # MNASNet: layers = 3 x (conv, bn[, relu]), 6 stacks, conv + bn + relu; classifier: dropout, fc
+    mnasnet = on_meta(torchvision.models.mnasnet0_5, weights=None)
+    assert block_names(mnasnet) == [
+        "layers.0-7", *(f"layers.{i}" for i in range(8, 14)), "layers.14-15", "classifier"
+    ]
+    assert_exact_partition(mnasnet)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -459,6 +664,112 @@ def test_property_every_parameter_in_exactly_one_block(data, matcher_index, root
     select_blocks(model, "last", matcher)
     last = param_groups_by_block(model, matcher, trainable_only=False)[-1]["params"]
     assert {id(p) for p in params if p.requires_grad} == {id(p) for p in last}
+
+
+# --------------------------------------------------------------------------------------------------
+# Property: the fallback on model shapes users write (layers, composite modules, containers)
+# --------------------------------------------------------------------------------------------------
+
+# A spec is "layer" (an nn.Linear), "free" (a module without parameters), or (kind, [child specs])
+# with kind "composite" (a custom module), "seq", "list" or "dict" (containers), or "model".
+_LAYER_OR_FREE = st.sampled_from(["layer", "free"])
+_COMPOSITE = st.tuples(st.just("composite"), st.lists(_LAYER_OR_FREE, min_size=1, max_size=3))
+_IN_CONTAINER = st.one_of(
+    _LAYER_OR_FREE, _COMPOSITE, st.tuples(st.just("seq"), st.lists(_LAYER_OR_FREE, max_size=3))
+)
+_TOP_LEVEL = st.one_of(
+    _LAYER_OR_FREE,
+    _COMPOSITE,
+    st.tuples(st.sampled_from(["seq", "list", "dict"]), st.lists(_IN_CONTAINER, max_size=4)),
+)
+_MODEL = st.tuples(st.sampled_from(["model", "seq"]), st.lists(_TOP_LEVEL, min_size=2, max_size=5))
+_FREE_MODULES = [nn.ReLU, nn.Dropout, nn.Identity, lambda: nn.MaxPool1d(1)]
+
+
+def _build(spec, keep_free, layers):
+    """The module a spec describes (None for a dropped free one); layers collects the nn.Linear."""
+    if spec == "layer":
+        layers.append(nn.Linear(2, 2))
+        return layers[-1]
+    if spec == "free":
+        return _FREE_MODULES[len(layers) % len(_FREE_MODULES)]() if keep_free else None
+    kind, child_specs = spec
+    # Keys come from the spec position, so both builds name a kept child alike.
+    children = [(f"m{i}", _build(s, keep_free, layers)) for i, s in enumerate(child_specs)]
+    children = [(key, child) for key, child in children if child is not None]
+    if kind == "seq":
+        return nn.Sequential(collections.OrderedDict(children))
+    if kind == "list":
+        return nn.ModuleList(child for _, child in children)
+    if kind == "dict":
+        return nn.ModuleDict(children)
+    module = nn.Module()
+    for key, child in children:
+        module.add_module(key, child)
+    return module
+
+
+def _has_params(module):
+    return any(True for _ in module.parameters())
+
+
+def _is_composite(module):
+    return any(_has_params(child) for child in module.children())
+
+
+_CONTAINER_TYPES = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(spec=_MODEL)
+def test_property_fallback_on_user_shapes(spec):
+    layers = []
+    model = _build(spec, keep_free=True, layers=layers)
+    top = [child for child in model.children() if _has_params(child)]
+    assume(len(top) >= 2)  # else the model is a wrapper, looked through to its one child
+    groups = param_groups_by_block(model, trainable_only=False)
+    block_of_param = {id(p): i for i, g in enumerate(groups) for p in g["params"]}
+
+    def blocks_of(module):
+        return {block_of_param[id(p)] for p in module.parameters()}
+
+    def is_one_block(module):
+        (block,) = blocks_of(module)
+        return {id(p) for p in groups[block]["params"]} == {id(p) for p in module.parameters()}
+
+    # Blocks are contiguous and in definition order.
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    assert [name_of[id(p)] for g in groups for p in g["params"]] == list(name_of.values())
+    assert_exact_partition(model)
+    # A layer is never split.
+    assert all(len(blocks_of(m)) == 1 for m in model.modules() if m in layers)
+    for child in top:
+        composite_children = [c for c in child.children() if _is_composite(c)]
+        if isinstance(child, _CONTAINER_TYPES) and not composite_children:
+            assert is_one_block(child)  # a container of layers never splits
+        elif isinstance(child, _CONTAINER_TYPES):
+            assert all(is_one_block(c) for c in composite_children)  # composites stay apart
+        elif _is_composite(child) or spec[0] == "model" or not any(map(_is_composite, top)):
+            assert is_one_block(child)
+        # else: a layer of a Sequential model with composite elements, which may join the layers
+        # next to it (a stem); contiguity above still keeps it apart from the composite ones.
+    if spec[0] == "model":  # the model's attributes never share a block
+        attribute_of = {id(p): key for key, c in model.named_children() for p in c.parameters()}
+        assert all(len({attribute_of[id(p)] for p in g["params"]}) == 1 for g in groups)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(spec=_MODEL)
+def test_property_parameterless_modules_do_not_change_blocks(spec):
+    def partition(keep_free):
+        layers = []
+        model = _build(spec, keep_free, layers)
+        assume(layers)
+        layer_of = {id(p): i for i, layer in enumerate(layers) for p in layer.parameters()}
+        groups = param_groups_by_block(model, trainable_only=False)
+        return [sorted({layer_of[id(p)] for p in g["params"]}) for g in groups]
+
+    assert partition(keep_free=True) == partition(keep_free=False)
 
 
 # --------------------------------------------------------------------------------------------------
