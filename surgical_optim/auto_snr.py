@@ -15,6 +15,11 @@ Where the gradient samples come from
   (see ``surgical_optim.snr``); ``threshold`` is then compared with the raw, un-normalised value.
 * ``refresh_every=N`` re-estimates every N steps from the first ``samples`` steps of each period
   (the official code re-estimates every epoch); the previous mask stays in force meanwhile.
+* A change of layout - ``add_param_group``, loading a plain inner-optimizer state dict (without
+  AutoSNR's key), or editing ``param_groups`` - discards the mask and any ``calibrate()`` result and
+  starts over as a new wrapper would: the next ``samples`` steps train every tensor and make a new
+  mask (call ``calibrate()`` again to use per-example gradients instead). A full ``state_dict()`` of
+  the wrapper restores everything, mask and step count included.
 
 How freezing works
 ------------------
@@ -107,12 +112,16 @@ class AutoSNR(OptimizerWrapper):
         self.estimator = estimator
         self.refresh_every = refresh_every
         self.eps = float(eps)
-        self._step_count = 0
-        self._calibrated_externally = False
         self._on_layout_change()
 
     # ------------------------------------------------------------------ layout and state
     def _reset_statistics(self, n: int) -> None:
+        # A new layout (an added param group, a plain inner state dict, edited param_groups) voids the
+        # mask and any calibrate() result, which covered the old tensors only. Estimation starts over
+        # as for a new wrapper: the next `samples` steps train everything and make the new mask.
+        # Keeping the old step count instead would, with refresh_every=None, never estimate again.
+        self._step_count = 0
+        self._calibrated_externally = False
         self._plans: dict = {}
         opts: dict[str, Any] = {"device": self._device, "dtype": self._dtype}
         self._raw_snr = torch.zeros(n, **opts)

@@ -404,3 +404,77 @@ def test_calibrate_with_a_sparse_embedding_equals_the_dense_one():
         assert model[0].sparse == sparse  # the module is left as it was
     assert torch.equal(masks[True][0], masks[False][0])
     torch.testing.assert_close(masks[True][1], masks[False][1], rtol=1e-12, atol=0)
+
+
+# ---------------------------------------------------------------------- layout resets
+# Loading a plain inner state dict or adding a param group resets the statistics; estimation must
+# then start over, or (with refresh_every=None) nothing would ever be frozen again.
+
+
+def signal_and_noise_grads(params, kinds, generator):
+    """'signal': the same gradient every step up to 1% noise (high SNR); 'noise': pure noise (low)."""
+    for p, kind in zip(params, kinds):
+        noise = torch.randn(p.shape, generator=generator)
+        p.grad = 1.0 + 0.01 * noise if kind == "signal" else noise
+
+
+def run_steps(opt, params, kinds, generator, steps):
+    """Steps with fresh gradients; returns, per step, which tensors moved."""
+    moved = []
+    for _ in range(steps):
+        signal_and_noise_grads(params, kinds, generator)
+        before = [p.detach().clone() for p in params]
+        opt.step()
+        moved.append([not torch.equal(p, b) for p, b in zip(params, before)])
+    return moved
+
+
+@pytest.mark.parametrize("trigger", ["plain_state_dict", "add_param_group"])
+def test_layout_reset_restarts_estimation(trigger):
+    generator = torch.Generator().manual_seed(0)
+    signal, noise = torch.nn.Parameter(torch.zeros(30)), torch.nn.Parameter(torch.zeros(30))
+    params, kinds = [signal, noise], ["signal", "noise"]
+    opt = AutoSNR(torch.optim.SGD(params, lr=0.1), threshold=0.5, samples=3)
+    run_steps(opt, params, kinds, generator, 3)
+    assert opt.mask().tolist() == [1.0, 0.0]
+    if trigger == "plain_state_dict":
+        opt.load_state_dict(opt.optimizer.state_dict())  # no AutoSNR key: the mask is gone
+    else:
+        extra = torch.nn.Parameter(torch.zeros(30))
+        opt.add_param_group({"params": [extra]})
+        params, kinds = params + [extra], kinds + ["noise"]
+    assert not opt.calibrated
+    # a new estimate from the next `samples` steps, which train everything ...
+    assert run_steps(opt, params, kinds, generator, 3) == [[True] * len(params)] * 3
+    assert opt.calibrated
+    assert opt.mask().tolist() == [1.0] + [0.0] * (len(params) - 1)
+    # ... and freezes the noise tensors from then on
+    assert run_steps(opt, params, kinds, generator, 2) == [[True] + [False] * (len(params) - 1)] * 2
+
+
+class SignalNoise(torch.nn.Module):
+    """Per example, the gradient of ``signal`` is all ones and that of ``noise`` is the input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.signal = torch.nn.Parameter(torch.zeros(30))
+        self.noise = torch.nn.Parameter(torch.zeros(30))
+
+    def forward(self, x):
+        return self.signal.sum() + (self.noise * x).sum(-1)
+
+
+def test_layout_reset_after_calibrate_samples_again():
+    """The calibration covered the old layout only: after a reset the free sampling takes over."""
+    generator = torch.Generator().manual_seed(0)
+    model = SignalNoise()
+    opt = AutoSNR(torch.optim.SGD(model.parameters(), lr=0.1), threshold=0.5, samples=3)
+    x = torch.randn(16, 30, generator=generator)
+    mask = opt.calibrate(model, lambda out, y: out.sum(), x, torch.zeros(16))
+    assert mask.tolist() == [1.0, 0.0]
+    extra = torch.nn.Parameter(torch.zeros(30))
+    opt.add_param_group({"params": [extra]})
+    params, kinds = [model.signal, model.noise, extra], ["signal", "noise", "noise"]
+    assert run_steps(opt, params, kinds, generator, 3) == [[True] * 3] * 3
+    assert opt.mask().tolist() == [1.0, 0.0, 0.0]
+    assert run_steps(opt, params, kinds, generator, 1) == [[True, False, False]]
