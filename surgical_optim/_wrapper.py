@@ -26,11 +26,20 @@ from torch.optim import Optimizer
 __all__ = ["OptimizerWrapper"]
 
 
+# state key -> wrapper class name, for naming what a checkpoint holds
+_KINDS: dict[str, str] = {}
+
+
 class OptimizerWrapper(Optimizer):
     """Base class: owns an inner optimizer and exposes its parameter groups and state."""
 
     #: key under which a subclass stores its own state in ``state_dict()``
     _state_key: str = "surgical_optim"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "_state_key" in cls.__dict__:
+            _KINDS[cls._state_key] = cls.__name__
 
     def __init__(self, optimizer: Optimizer) -> None:
         if not isinstance(optimizer, Optimizer):
@@ -39,6 +48,7 @@ class OptimizerWrapper(Optimizer):
                 f"{type(optimizer).__name__}. Build the optimizer first, e.g. "
                 f"{type(self).__name__}(torch.optim.AdamW(model.parameters(), lr=1e-3))."
             )
+        self._refuse_nesting_twice(optimizer)
         if any("params" in g and len(g["params"]) == 0 for g in optimizer.param_groups):
             raise ValueError("the wrapped optimizer has an empty parameter group")
         # Internally always `self._inner`, never `self.optimizer`: Lightning's LightningOptimizer
@@ -126,6 +136,21 @@ class OptimizerWrapper(Optimizer):
     def _inner_step(self, inner_closure: Callable[[], Any] | None) -> Any:
         return self._inner.step(inner_closure) if inner_closure is not None else self._inner.step()
 
+    def _refuse_nesting_twice(self, optimizer: Optimizer) -> None:
+        layers = _chain(optimizer)
+        if any(getattr(layer, "_state_key", None) == self._state_key for layer in layers):
+            name = type(self).__name__
+            kept = [type(layer).__name__ for layer in layers if getattr(layer, "_state_key", None) != self._state_key]
+            raise ValueError(
+                f"{name}({_describe(optimizer)}) would apply {name} twice (and both would share one "
+                f"checkpoint entry): wrap the inner optimizer once, e.g. "
+                f"{'('.join([name, *kept])}(...){')' * len(kept)}"
+            )
+
+    def _wrapper_keys(self) -> set[str]:
+        """The state keys of this wrapper and of the wrappers inside it."""
+        return {layer._state_key for layer in _chain(self) if isinstance(layer, OptimizerWrapper)}
+
     def __repr__(self) -> str:
         inner = "\n".join("    " + line for line in repr(self._inner).splitlines())
         return f"{type(self).__name__}(\n{inner}\n)"
@@ -175,11 +200,6 @@ class OptimizerWrapper(Optimizer):
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         state_dict = dict(self._inner.state_dict())
-        if self._state_key in state_dict:
-            raise RuntimeError(
-                f"{type(self).__name__} is wrapped around another {type(self).__name__}; "
-                "wrap each kind at most once"
-            )
         state_dict[self._state_key] = self._wrapper_state()
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, state_dict)
@@ -194,6 +214,7 @@ class OptimizerWrapper(Optimizer):
             if result is not None:
                 state_dict = result
         state_dict = dict(state_dict)
+        self._refuse_state_of_other_wrappers(state_dict)
         wrapper_state = state_dict.pop(self._state_key, None)
         self._inner.load_state_dict(state_dict)
         self._on_layout_change()
@@ -201,3 +222,36 @@ class OptimizerWrapper(Optimizer):
             self._load_wrapper_state(wrapper_state)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
+
+    def _refuse_state_of_other_wrappers(self, state_dict: dict[str, Any]) -> None:
+        # Without this check the inner optimizer would load the rest and the foreign state would be
+        # dropped without a word. Missing state is fine: that wrapper starts fresh, as it does from a
+        # plain inner-optimizer checkpoint.
+        foreign = sorted(_KINDS[key] for key in state_dict if key in _KINDS and key not in self._wrapper_keys())
+        if foreign:
+            raise ValueError(
+                f"the checkpoint holds {' and '.join(foreign)} state, which {_describe(self)} does not "
+                f"have: load it into the optimizer it was saved from, e.g. "
+                f"{_describe_kinds(state_dict)}, or drop those entries to start them fresh"
+            )
+
+
+def _chain(optimizer: Optimizer) -> list[Optimizer]:
+    """``optimizer`` and the optimizers inside it, outermost first."""
+    layers = [optimizer]
+    while isinstance(layers[-1], OptimizerWrapper):
+        layers.append(layers[-1]._inner)
+    return layers
+
+
+def _describe(optimizer: Optimizer) -> str:
+    """``AutoSNR(AutoRGN(AdamW))`` for a chain of wrappers."""
+    names = [type(layer).__name__ for layer in _chain(optimizer)]
+    return "(".join(names) + ")" * (len(names) - 1)
+
+
+def _describe_kinds(state_dict: dict[str, Any]) -> str:
+    """The wrappers whose state a checkpoint holds, as a construction, e.g. ``AutoSNR(AutoRGN(...))``."""
+    # each wrapper adds its entry after its inner optimizer's, so the outermost comes last
+    names = [_KINDS[key] for key in reversed(list(state_dict)) if key in _KINDS]
+    return "(".join(names + ["..."]) + ")" * len(names)

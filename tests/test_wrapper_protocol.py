@@ -19,6 +19,7 @@ WRAPPERS = {
     "snr_refresh": lambda opt: AutoSNR(opt, threshold=0.4, samples=2, refresh_every=4),
     "snr_official": lambda opt: AutoSNR(opt, threshold=0.95, estimator="official_eb", samples=2),
     "snr_of_rgn": lambda opt: AutoSNR(AutoRGN(opt), threshold=0.4, samples=3),
+    "rgn_of_snr": lambda opt: AutoRGN(AutoSNR(opt, threshold=0.4, samples=3), refresh_every=2),
 }
 
 
@@ -38,6 +39,35 @@ def train_step(model, opt, x, y, scheduler=None):
     opt.step()
     if scheduler is not None:
         scheduler.step()
+
+
+def assert_same_state(got, expected, path="state_dict"):
+    """Exact, recursive equality of two state dicts."""
+    assert type(got) is type(expected), path
+    if isinstance(expected, dict):
+        assert got.keys() == expected.keys(), path
+        for key in expected:
+            assert_same_state(got[key], expected[key], f"{path}[{key!r}]")
+    elif isinstance(expected, (list, tuple)):
+        assert len(got) == len(expected), path
+        for i, (a, b) in enumerate(zip(got, expected)):
+            assert_same_state(a, b, f"{path}[{i}]")
+    elif isinstance(expected, torch.Tensor):
+        assert got.dtype == expected.dtype and torch.equal(got, expected), path
+    else:
+        assert got == expected, path
+
+
+def views(opt) -> dict[str, torch.Tensor]:
+    """The statistics of every wrapper in a (possibly nested) chain."""
+    out = {}
+    while isinstance(opt, (AutoRGN, AutoSNR)):
+        if isinstance(opt, AutoRGN):
+            out["multipliers"] = opt.multipliers()
+        else:
+            out.update(mask=opt.mask(), raw_snr=opt.raw_snr())
+        opt = opt.optimizer
+    return out
 
 
 @pytest.mark.parametrize("kind", sorted(WRAPPERS))
@@ -89,9 +119,8 @@ def test_state_dict_lockstep_resume_is_bit_identical(kind):
         train_step(model_b, opt_b, x, y)
         for a, b in zip(model_a.parameters(), model_b.parameters()):
             assert torch.equal(a, b)
-    for view in ("multipliers", "mask"):
-        if hasattr(opt_a, view):
-            assert torch.equal(getattr(opt_a, view)(), getattr(opt_b, view)())
+    for (name, a), (_, b) in zip(views(opt_a).items(), views(opt_b).items()):
+        assert torch.equal(a, b), name
 
 
 def test_load_rejects_checkpoint_of_another_model():
@@ -289,7 +318,48 @@ def test_bad_arguments_get_clear_errors(build, error, match):
         build(make_model())
 
 
-def test_nesting_the_same_wrapper_twice_is_refused_at_checkpoint():
-    opt = AutoRGN(AutoRGN(torch.optim.SGD(make_model().parameters(), lr=0.1)))
-    with pytest.raises(RuntimeError, match="at most once"):
-        opt.state_dict()
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda opt: AutoRGN(AutoRGN(opt)),
+        lambda opt: AutoSNR(AutoSNR(opt)),
+        lambda opt: AutoRGN(AutoSNR(AutoRGN(opt))),  # anywhere in the chain
+    ],
+    ids=["rgn_rgn", "snr_snr", "rgn_snr_rgn"],
+)
+def test_wrapping_the_same_wrapper_twice_is_refused_at_construction(build):
+    """Nesting one kind twice would apply its rule twice (and both would claim one checkpoint key)."""
+    with pytest.raises(ValueError, match=r"twice.*wrap the inner optimizer once"):
+        build(torch.optim.SGD(make_model().parameters(), lr=0.1))
+
+
+@pytest.mark.parametrize(
+    "saved, loaded, holds",
+    [
+        ("snr", "rgn", "AutoSNR"),
+        ("rgn", "snr", "AutoRGN"),
+        ("snr_of_rgn", "rgn", "AutoSNR"),  # AutoRGN's part would load, AutoSNR's would be dropped
+    ],
+)
+def test_checkpoint_of_another_wrapper_is_refused(saved, loaded, holds):
+    model = make_model()
+    source = WRAPPERS[saved](torch.optim.SGD(model.parameters(), lr=0.1))
+    for x, y in data(2):
+        train_step(model, source, x, y)
+    target = WRAPPERS[loaded](torch.optim.SGD(make_model().parameters(), lr=0.1))
+    before = copy.deepcopy(target.state_dict())
+    with pytest.raises(ValueError, match=rf"holds {holds} state.*{type(target).__name__}\("):
+        target.load_state_dict(source.state_dict())
+    assert_same_state(target.state_dict(), before)  # refused before anything was loaded
+
+
+def test_checkpoint_without_state_of_a_nested_wrapper_starts_that_wrapper_fresh():
+    """Like a plain inner-optimizer checkpoint: a wrapper added around a resumed run starts fresh."""
+    model = make_model()
+    source = AutoRGN(torch.optim.SGD(model.parameters(), lr=0.1), refresh_every=2)
+    for x, y in data(3):
+        train_step(model, source, x, y)
+    target = AutoSNR(AutoRGN(torch.optim.SGD(model.parameters(), lr=0.1), refresh_every=2), threshold=0.4)
+    target.load_state_dict(source.state_dict())
+    assert torch.equal(target.optimizer.multipliers(), source.multipliers())
+    assert not target.calibrated and torch.equal(target.mask(), torch.ones(6))
