@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from torch.optim import Optimizer
+from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 from ._foreach import host_readable, local_tensors
@@ -76,8 +77,8 @@ class FoldLayout:
         #: whether any parameter is a DTensor (FSDP2), as the gather plan found: then state and
         #: gradients are too
         self.any_dtensor = any_dtensor
-        #: (id of the inner state dict, its size) when the state was last found complete
-        self.ready_for: tuple[int, int] | None = None
+        #: (id of the inner state dict, its size, what each group needs) when last found complete
+        self.ready_for: tuple[Any, ...] | None = None
         for gi, members in sorted(by_group.items()):
             local = [local_all[i] for i in members]
             grouped = _group_tensors_by_device_and_dtype([local], with_indices=True)  # type: ignore[list-item]
@@ -88,30 +89,42 @@ class FoldLayout:
 
 def fold_ready(inner: Optimizer, layout: FoldLayout, trained: Sequence[torch.Tensor]) -> bool:
     """True when folding may replace ``inner.step()`` this step: the inner optimizer's state for the
-    trained tensors exists (its own first step creates it), and no hook or wrapper (a scheduler's
-    step counter, a profiler) is attached to the inner step, which folding would skip."""
+    trained tensors exists (its own first step creates it), no gradient is sparse (the fold's kernels
+    are dense), and no hook or wrapper (a scheduler's step counter, a profiler, torch's global
+    optimizer hooks) is attached to the inner step, which folding would skip: with one, the step
+    takes the snapshot path, where the inner step and its hooks run as usual."""
     if inner._optimizer_step_pre_hooks or inner._optimizer_step_post_hooks or "step" in inner.__dict__:
         return False
+    if _global_optimizer_pre_hooks or _global_optimizer_post_hooks:
+        return False
+    if any(p.grad is not None and p.grad.is_sparse for p in trained):
+        return False
     state = inner.state
-    # state entries are only ever added by steps: same dict and same size -> still complete
-    if layout.ready_for == (id(state), len(state)):
+    # State entries are only added by steps, but which entries a step needs depends on the
+    # hyperparameters (SGD's momentum may be switched on mid-run): the cache key holds both.
+    key = (id(state), len(state), tuple(_state_needs(inner, group) for group in inner.param_groups))
+    if layout.ready_for == key:
         return True
     for gi, indices, _ in layout.chunks:
-        if isinstance(inner, torch.optim.SGD):
-            if inner.param_groups[gi]["momentum"] == 0:
-                continue
-            if any(state.get(trained[i], {}).get("momentum_buffer") is None for i in indices):
-                return False
-            continue
+        needs = _state_needs(inner, inner.param_groups[gi])
         for i in indices:
-            entry = state.get(trained[i])
-            if entry is None or "exp_avg" not in entry:
+            entry = state.get(trained[i], {})
+            if any(entry.get(name) is None for name in needs):
                 return False
+            if isinstance(inner, torch.optim.SGD):
+                continue
             step = entry.get("step")
             if not torch.is_tensor(step) or (step.device.type != "cpu" and not torch.compiler.is_compiling()):
                 return False
-    layout.ready_for = (id(state), len(state))
+    layout.ready_for = key
     return True
+
+
+def _state_needs(inner: Optimizer, group: dict[str, Any]) -> tuple[str, ...]:
+    """The state entries the folded update of ``group`` reads."""
+    if isinstance(inner, torch.optim.SGD):
+        return ("momentum_buffer",) if group["momentum"] != 0 else ()
+    return ("exp_avg", "exp_avg_sq", "step") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
 
 
 def folded_step(
@@ -152,8 +165,11 @@ def _sgd(group, state, params, local_params, grads, m, dtype, device, any_dtenso
         torch._foreach_mul_(bufs, momentum)
         torch._foreach_add_(bufs, grads, alpha=1 - group["dampening"])
         grads = torch._foreach_add(grads, bufs, alpha=momentum) if group["nesterov"] else bufs
-    scales = (m * -lr).to(device=device, dtype=dtype, non_blocking=True)
-    torch._foreach_addcmul_(local_params, grads, list(scales.unbind(0)))
+    scales = _factors(m * -lr, device, dtype)
+    if is_low_precision(dtype):
+        _add_in_float32(local_params, [g.float() for g in grads], scales)
+        return
+    torch._foreach_addcmul_(local_params, grads, scales)
 
 
 def _adam(group, state, params, local_params, grads, m, dtype, device, decoupled: bool, any_dtensor: bool) -> None:
@@ -168,8 +184,7 @@ def _adam(group, state, params, local_params, grads, m, dtype, device, decoupled
     torch._foreach_add_(steps, 1)
     if weight_decay != 0:
         if decoupled:
-            decay = (1 - (lr * weight_decay) * m).to(device=device, dtype=dtype, non_blocking=True)
-            torch._foreach_mul_(local_params, list(decay.unbind(0)))
+            _decay(local_params, m, lr * weight_decay, device, dtype)
         else:
             grads = torch._foreach_add(grads, local_params, alpha=weight_decay)
     torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
@@ -186,6 +201,13 @@ def _adam(group, state, params, local_params, grads, m, dtype, device, decoupled
     torch._foreach_div_(denom, [(1 - beta2**t) ** 0.5 for t in step_values])
     torch._foreach_add_(denom, eps)
     coefficients = [-lr / (1 - beta1**t) for t in step_values]  # torch's step size, times m below
+    if is_low_precision(dtype):
+        # exp_avg / denom in float32, scaled by the float32 step size, added with one rounding
+        ratios = [e.float() for e in exp_avgs]
+        torch._foreach_div_(ratios, denom)
+        step_sizes = torch.stack(torch._foreach_mul(list(m.unbind(0)), coefficients))
+        _add_in_float32(local_params, ratios, _factors(step_sizes, device, dtype))
+        return
     if host_readable(device) and host_readable(m.device):
         # No device to synchronise with: torch's per-tensor-scalar overload reads the step sizes
         # from a CPU tensor (in double, as torch's Python floats), saving a pass over memory; at
@@ -200,3 +222,32 @@ def _adam(group, state, params, local_params, grads, m, dtype, device, decoupled
         step_sizes = list(torch.stack(step_sizes).to(device=device, dtype=dtype, non_blocking=True).unbind(0))
     torch._foreach_div_(denom, step_sizes)
     torch._foreach_addcdiv_(local_params, exp_avgs, denom)
+
+
+def is_low_precision(dtype: torch.dtype) -> bool:
+    """float16, bfloat16 and narrower: dtypes in which a factor such as ``1 - 1e-3`` or a step size
+    ``lr x m`` would lose its meaning if it were rounded to the dtype before use."""
+    return dtype.is_floating_point and torch.finfo(dtype).bits < 32
+
+
+def _factors(values: torch.Tensor, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
+    """Per-tensor factors as 0-d tensors on ``device``: in ``dtype`` for float32/64 parameters, in
+    float32 for low-precision ones (never rounded to their dtype)."""
+    factor_dtype = torch.float32 if is_low_precision(dtype) else dtype
+    return list(values.to(device=device, dtype=factor_dtype, non_blocking=True).unbind(0))
+
+
+def _add_in_float32(params: list[torch.Tensor], updates: list[torch.Tensor], factors: list[torch.Tensor]) -> None:
+    """``p += factor x update`` for low-precision ``params``: ``updates`` are float32 temporaries
+    (consumed); the sum is formed in float32 (type promotion) and rounded once into ``p``."""
+    torch._foreach_mul_(updates, factors)
+    torch._foreach_add_(params, updates)
+
+
+def _decay(params: list[torch.Tensor], m: torch.Tensor, lr_wd: float, device: torch.device, dtype: torch.dtype) -> None:
+    """Decoupled weight decay ``p *= 1 - lr wd m`` (exactly 1 at ``m = 0``)."""
+    if is_low_precision(dtype):
+        # as p + p x (-lr wd m) in float32: 1 - 1e-3 rounded to bfloat16 would be 1 - 4e-3
+        _add_in_float32(params, [p.float() for p in params], _factors(m * -lr_wd, device, dtype))
+        return
+    torch._foreach_mul_(params, _factors(1 - lr_wd * m, device, dtype))

@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from ._fold import FoldLayout, fold_ready, fold_unsupported_reason, folded_step
+from ._fold import FoldLayout, fold_ready, fold_unsupported_reason, folded_step, is_low_precision
 from ._foreach import gather_plan, host_readable, local_tensors, per_tensor_norms
 from ._wrapper import OptimizerWrapper
 
@@ -266,8 +266,7 @@ class AutoRGN(OptimizerWrapper):
         snapshots = self._snapshot_buffers(positions, trained_local)
         torch._foreach_copy_(snapshots, trained_local)
         out = self._inner_step(inner_closure)
-        # p <- lerp(p_new, p_old, 1 - m) = p_old + m (p_new - p_old); lerp is exact at weight 0 and 1.
-        self._rescale_updates(plan, trained_local, snapshots, 1.0 - local)
+        self._rescale_updates(plan, trained_local, snapshots, local)
         return loss if closure is not None else out
 
     def _fold_layout(
@@ -308,15 +307,25 @@ class AutoRGN(OptimizerWrapper):
 
     @staticmethod
     def _rescale_updates(
-        plan: Any, params: list[torch.Tensor], snapshots: list[torch.Tensor], weights: torch.Tensor
+        plan: Any, params: list[torch.Tensor], snapshots: list[torch.Tensor], multipliers: torch.Tensor
     ) -> None:
+        """``p <- p_old + m (p_new - p_old)`` per tensor, ``p_old`` the snapshot."""
         for (dev, dtype, indices), index in zip(plan.groups, plan.group_index):
             group_params = [params[i] for i in indices]
             group_snaps = [snapshots[i] for i in indices]
-            group_weights = weights if plan.single_group_in_order else weights.index_select(0, index)
-            # lerp wants weights of the parameters' dtype and device
-            group_weights = group_weights.to(device=dev, dtype=dtype, non_blocking=True)
-            torch._foreach_lerp_(group_params, group_snaps, list(group_weights.unbind(0)))
+            group_m = multipliers if plan.single_group_in_order else multipliers.index_select(0, index)
+            if is_low_precision(dtype):
+                # in float32, rounded once: a lerp weight 1 - m rounded to bfloat16 is 1 for
+                # m < 0.002, which would freeze the tensor
+                updates = torch._foreach_sub([p.float() for p in group_params], group_snaps)
+                torch._foreach_mul_(updates, list(group_m.to(device=dev, dtype=torch.float32, non_blocking=True).unbind(0)))
+                torch._foreach_copy_(group_params, group_snaps)
+                torch._foreach_add_(group_params, updates)
+                continue
+            # lerp(p_new, p_old, 1 - m) is exact at m = 0 and m = 1; it wants weights of the
+            # parameters' dtype and device
+            weights = (1.0 - group_m).to(device=dev, dtype=dtype, non_blocking=True)
+            torch._foreach_lerp_(group_params, group_snaps, list(weights.unbind(0)))
 
     # ------------------------------------------------------------------ checkpointing
     def _wrapper_state(self) -> dict[str, Any]:
