@@ -24,6 +24,7 @@ import inspect
 import json
 import os
 import platform
+import random
 import socket
 import sys
 import tempfile
@@ -33,6 +34,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -268,8 +270,17 @@ def train_source(model: nn.Module, data: BenchmarkData, args, device: torch.devi
     return float("nan")
 
 
+def seed_everything(seed: int) -> None:
+    """Seed every generator a run may draw from (Python, NumPy, torch on the CPU and every GPU), so that
+    what happens next does not depend on what ran before in this process."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
 def build_source_architecture(args, num_classes: int) -> nn.Module:
-    """The source model's architecture (ImageNet weights where asked)."""
+    """The source model's architecture, initialised from ``--source-seed`` (ImageNet weights where asked)."""
+    seed_everything(args.source_seed)
     try:
         return build_model(args.arch, num_classes, imagenet_init=args.imagenet_init, width=args.width)
     except FileNotFoundError as e:  # ImageNet weights not in the local torch cache
@@ -292,7 +303,8 @@ def _load_source_checkpoint(model: nn.Module, args) -> None:
 
 
 def get_source_model(args, data: BenchmarkData, device: torch.device) -> tuple[nn.Module, str]:
-    """The source model and a hash identifying it (part of every run's config id)."""
+    """The source model and a hash identifying it (part of every run's config id). Built after seeding with
+    ``--source-seed``, so the same config gives the same source model in every process."""
     model = build_source_architecture(args, data.num_classes)
     if args.source_checkpoint:
         _load_source_checkpoint(model, args)
@@ -618,6 +630,9 @@ def _sweep(args, out: Path, rank: int, world: int) -> int:
 
     if rank != 0:
         args.quiet = True  # progress and messages from rank 0 only
+    # the same run gives the same numbers: cuDNN uses deterministic kernels, not the fastest it can time
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
     device = torch.device(args.device)
     variants = dataset_variants(args)
     # every variant's files and split sizes, and every method, are checked before the first run is written

@@ -364,3 +364,30 @@ def test_command_line_prints_one_line_and_exits_non_zero(tmp_path):
     assert proc.returncode != 0
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert missing in proc.stderr and "zenodo.org" in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------- reproducibility
+def test_two_fresh_runs_give_the_same_numbers(tmp_path):
+    """Same command, two fresh --out folders: the same pre-trained source model and the same results,
+    whatever the random state the process was in before (the model is built after seeding)."""
+    _write_cifar10_batches(tmp_path / "cifar")
+    common = [a if a != "0,1" else "0" for a in COMMON]
+    args = ["--dataset", "cifar_flip", "--data-root", str(tmp_path / "cifar"), "--methods", "none,all,auto_rgn",
+            "--source-epochs", "1", "--source-lr", "0.05", "--source-batch-size", "64",
+            "--loader-arg", "target_train_per_class=4", "--loader-arg", "target_val_per_class=2",
+            "--loader-arg", "source_val_per_class=6", *common]
+    runs = {}
+    for name, state_before in (("a", 1), ("b", 2)):
+        torch.manual_seed(state_before)  # what ran before in this process must not matter
+        assert paper.main(args + ["--out", str(tmp_path / name)]) == 0
+        (model,) = (tmp_path / name / "source_models").glob("cifar_flip-tiny_cnn-*.pt")
+        records = {r["run_id"]: r for r in read_results(tmp_path / name / "results")}
+        runs[name] = (model.name, torch.load(model, weights_only=True), records)
+    (name_a, weights_a, rows_a), (name_b, weights_b, rows_b) = runs["a"], runs["b"]
+    assert name_a == name_b  # one config hash ...
+    for key, tensor in weights_a.items():  # ... one source model
+        assert torch.equal(tensor, weights_b[key]), key
+    assert set(rows_a) == set(rows_b) and len(rows_a) == 1 + 2 * 2  # none + (all, auto_rgn) x 2 lrs, 1 seed
+    for run_id, row in rows_a.items():
+        assert row["best"] == rows_b[run_id]["best"], row["method"]
+        assert row["val_curve"] == rows_b[run_id]["val_curve"], row["method"]
