@@ -261,3 +261,51 @@ def test_moving_a_tensor_between_param_groups_is_noticed():
         results.append([p.detach().clone() for p in (a, b, c)])
     for x, y in zip(*results):
         torch.testing.assert_close(x, y)
+
+
+def test_switching_momentum_on_mid_run_matches_torch():
+    """The fold's readiness cache must notice that momentum now needs a buffer (torch creates it)."""
+    from surgical_optim.auto_rgn_reference import per_tensor_lr_step
+
+    model, ref_model = make_model(), make_model()
+    opt = AutoRGN(torch.optim.SGD(model.parameters(), lr=0.05), rescale="auto")
+    ref_params = list(ref_model.parameters())
+    ref = torch.optim.SGD([{"params": [p]} for p in ref_params], lr=0.05)
+    for step, (x, y) in enumerate(batches(5)):
+        if step == 2:
+            for optimizer in (opt, ref):
+                for group in optimizer.param_groups:
+                    group["momentum"] = 0.9
+        for m, o in ((model, opt), (ref_model, ref)):
+            o.zero_grad()
+            backward(m, x, y)
+        opt.step()
+        per_tensor_lr_step(ref, ref_params, 0.05)
+        # momentum-free steps fold; the step that creates the buffers does not; later ones fold again
+        assert opt.last_step_folded == (step != 2)
+        for a, b in zip(model.parameters(), ref_params):
+            torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-13)
+
+
+@pytest.mark.parametrize("rescale", ["fold", "snapshot"])
+def test_global_optimizer_hooks_fire_alike_on_both_paths(rescale):
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    model = make_model()
+    opt = AutoRGN(torch.optim.AdamW(model.parameters(), lr=1e-2), rescale=rescale)
+    seen: list[tuple[str, str]] = []
+    handles = [
+        register_optimizer_step_pre_hook(lambda o, args, kwargs: seen.append(("pre", type(o).__name__))),
+        register_optimizer_step_post_hook(lambda o, args, kwargs: seen.append(("post", type(o).__name__))),
+    ]
+    try:
+        for x, y in batches(3):
+            opt.zero_grad()
+            backward(model, x, y)
+            opt.step()
+    finally:
+        for handle in handles:
+            handle.remove()
+    # every step: the wrapper's step and, inside it, the inner optimizer's step, whichever path runs
+    per_step = [("pre", "AutoRGN"), ("pre", "AdamW"), ("post", "AdamW"), ("post", "AutoRGN")]
+    assert seen == per_step * 3
