@@ -1,6 +1,6 @@
 """Gradient signal-to-noise estimators used by ``AutoSNR``.
 
-Two families, kept apart on purpose (see shared/paper.md):
+Two families, kept apart on purpose:
 
 * **Over samples** (the statistically meaningful one, our default): given K gradient samples of a
   tensor (mini-batch gradients of K steps, or per-example gradients of one calibration batch), per
