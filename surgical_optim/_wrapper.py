@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from ._foreach import local_tensor
+
 __all__ = ["OptimizerWrapper"]
 
 
@@ -190,6 +192,9 @@ class OptimizerWrapper(Optimizer):
 
     # ------------------------------------------------------------------ checkpointing
     def _wrapper_state(self) -> dict[str, Any]:
+        """This wrapper's state. Conventions the base class relies on: a 1-d tensor or a list holds
+        one entry per parameter (``param_groups`` order), and tensors inside such a list are shaped
+        like their parameter (its local shard under FSDP2)."""
         return {}
 
     def _load_wrapper_state(self, state: dict[str, Any]) -> None:
@@ -216,12 +221,38 @@ class OptimizerWrapper(Optimizer):
         state_dict = dict(state_dict)
         self._refuse_state_of_other_wrappers(state_dict)
         wrapper_state = state_dict.pop(self._state_key, None)
+        if wrapper_state is not None:
+            self._check_wrapper_state(wrapper_state)
         self._inner.load_state_dict(state_dict)
         self._on_layout_change()
         if wrapper_state is not None:
             self._load_wrapper_state(wrapper_state)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
+
+    def _check_wrapper_state(self, state: dict[str, Any]) -> None:
+        """Refuse the state of another model before anything is loaded.
+
+        Torch's optimizers compare the sizes of the param groups only (and load tensors of other
+        shapes); the per-parameter entries of the wrapper's state also reveal other shapes.
+        """
+        params = self.params()
+        kind = type(self).__name__
+        for key, value in state.items():
+            per_parameter = isinstance(value, list) or (isinstance(value, torch.Tensor) and value.dim() == 1)
+            if per_parameter and len(value) != len(params):
+                raise ValueError(
+                    f"the checkpoint's {kind} state holds {len(value)} entries in {key!r}, one per "
+                    f"parameter, but {_describe(self)} has {len(params)} parameters: it was saved for "
+                    "another model or param-group layout; load it into an optimizer over the same parameters"
+                )
+            for i, (entry, p) in enumerate(zip(value if isinstance(value, list) else [], params)):
+                if isinstance(entry, torch.Tensor) and entry.shape != local_tensor(p).shape:
+                    raise ValueError(
+                        f"the checkpoint's {kind} state {key!r} of parameter {i} has shape "
+                        f"{tuple(entry.shape)} but the parameter has shape {tuple(local_tensor(p).shape)}: "
+                        "it was saved for another model; load it into an optimizer over the same parameters"
+                    )
 
     def _refuse_state_of_other_wrappers(self, state_dict: dict[str, Any]) -> None:
         # Without this check the inner optimizer would load the rest and the foreign state would be

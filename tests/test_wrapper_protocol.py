@@ -79,8 +79,8 @@ def test_is_an_optimizer_and_scheduler_drives_inner_lr(kind):
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5**step)
     for x, y in data(3):
         train_step(model, opt, x, y, scheduler)
-    assert opt.param_groups is inner.param_groups or opt.param_groups is inner.optimizer.param_groups
-    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**3)
+    assert opt.param_groups is inner.param_groups  # one list, through any depth of wrapping
+    assert inner.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**3)
     assert scheduler.get_last_lr() == [pytest.approx(0.1 * 0.5**3)]
 
 
@@ -88,9 +88,15 @@ def test_one_cycle_and_plateau_schedulers_accept_wrapper():
     model = make_model()
     opt = AutoRGN(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
     one_cycle = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1.0, total_steps=10)
+    bare = torch.optim.SGD(make_model().parameters(), lr=0.1, momentum=0.9)
+    bare_cycle = torch.optim.lr_scheduler.OneCycleLR(bare, max_lr=1.0, total_steps=10)
     for x, y in data(4):
         train_step(model, opt, x, y, one_cycle)
-    assert opt.param_groups[0]["lr"] != 0.1
+        bare.step()
+        bare_cycle.step()
+        # the same schedule (learning rate and, cycled with it, momentum) reaches the inner optimizer
+        assert opt.optimizer.param_groups[0]["lr"] == bare.param_groups[0]["lr"]
+        assert opt.optimizer.param_groups[0]["momentum"] == bare.param_groups[0]["momentum"]
     plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(AutoSNR(torch.optim.SGD(model.parameters(), lr=0.1)), patience=0)
     plateau.step(1.0)
     plateau.step(2.0)
@@ -123,21 +129,67 @@ def test_state_dict_lockstep_resume_is_bit_identical(kind):
         assert torch.equal(a, b), name
 
 
-def test_load_rejects_checkpoint_of_another_model():
-    opt = AutoRGN(torch.optim.SGD(make_model().parameters(), lr=0.1))
-    other = AutoRGN(torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1))
-    with pytest.raises(ValueError):
-        other.load_state_dict(opt.state_dict())
+def trained(kind: str, steps: int = 2, model=None):
+    model = make_model() if model is None else model
+    opt = WRAPPERS[kind](torch.optim.AdamW(model.parameters(), lr=0.05))
+    for x, y in data(steps):
+        train_step(model, opt, x, y)
+    return opt
 
 
-def test_plain_inner_state_dict_is_accepted():
+@pytest.mark.parametrize("kind", ["rgn", "snr"])
+def test_checkpoint_of_a_model_with_other_tensors_is_refused_before_loading(kind):
+    """Six tensors saved, four here: the wrapper names the mismatch before the inner optimizer (whose
+    own check only says a group's size differs) or itself has loaded anything."""
+    source = trained(kind)
+    smaller = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.ReLU(), torch.nn.Linear(7, 3))
+    target = trained(kind, model=smaller)
+    before = copy.deepcopy(target.state_dict())
+    name = type(target).__name__
+    with pytest.raises(ValueError, match=rf"{name} state holds 6 entries.*{name}\(AdamW\) has 4 parameters"):
+        target.load_state_dict(source.state_dict())
+    assert_same_state(target.state_dict(), before)
+
+
+def test_checkpoint_of_a_model_with_other_shapes_is_refused_before_loading():
+    """Same number of tensors, other shapes: torch's optimizers load such a checkpoint (they compare
+    group sizes only), so AutoSNR's per-element sums are what reveal it - at load, not steps later."""
+    source = trained("snr")  # mid-calibration: the sums exist
+    wider = torch.nn.Sequential(
+        torch.nn.Linear(5, 8), torch.nn.ReLU(), torch.nn.Linear(8, 7), torch.nn.ReLU(), torch.nn.Linear(7, 3)
+    )
+    target = trained("snr", model=wider)
+    before = copy.deepcopy(target.state_dict())
+    with pytest.raises(ValueError, match=r"'sums' of parameter 0 has shape \(7, 5\).*has shape \(8, 5\)"):
+        target.load_state_dict(source.state_dict())
+    assert_same_state(target.state_dict(), before)
+
+
+@pytest.mark.parametrize("kind", ["rgn_window", "snr"])
+def test_plain_inner_state_dict_is_accepted(kind):
+    """Resuming a run that started without the wrapper: the inner state loads, the wrapper starts
+    fresh - as if it had been put around the resumed bare optimizer."""
     model = make_model()
     bare = torch.optim.Adam(model.parameters(), lr=0.1)
     for x, y in data(2):
         train_step(model, bare, x, y)
-    opt = AutoRGN(torch.optim.Adam(model.parameters(), lr=0.1))
-    opt.load_state_dict(bare.state_dict())  # resuming a run that started without the wrapper
-    assert torch.equal(opt.state[next(model.parameters())]["exp_avg"], bare.state[next(model.parameters())]["exp_avg"])
+    saved = copy.deepcopy({"model": model.state_dict(), "opt": bare.state_dict()})
+    runs = []
+    for load_into_wrapper in (True, False):
+        checkpoint = copy.deepcopy(saved)  # torch's load_state_dict keeps the checkpoint's tensors
+        model.load_state_dict(checkpoint["model"])
+        inner = torch.optim.Adam(model.parameters(), lr=0.1)
+        if not load_into_wrapper:
+            inner.load_state_dict(checkpoint["opt"])
+        opt = WRAPPERS[kind](inner)
+        if load_into_wrapper:
+            opt.load_state_dict(checkpoint["opt"])
+        for x, y in data(4, seed=3):
+            train_step(model, opt, x, y)
+        runs.append(([p.detach().clone() for p in model.parameters()], views(opt)))
+    (params_a, views_a), (params_b, views_b) = runs
+    assert all(torch.equal(a, b) for a, b in zip(params_a, params_b))
+    assert all(torch.equal(views_a[name], views_b[name]) for name in views_b)
 
 
 @pytest.mark.parametrize("kind", ["rgn", "snr"])
@@ -208,12 +260,23 @@ def test_zero_grad_and_add_param_group():
     x, y = data(1)[0]
     opt.zero_grad()
     (torch.nn.functional.cross_entropy(model(x), y) + extra(torch.randn(4, 3)).sum()).backward()
+    params = list(model.parameters()) + list(extra.parameters())
+    # the paper's rule over all eight tensors, new group included: ||g|| / ||theta||, over the largest
+    rgn = torch.stack([p.grad.norm() / p.norm() for p in params])
+    expected = rgn / rgn.max()
+    before = [p.detach().clone() for p in extra.parameters()]
     opt.step()
-    assert opt.multipliers().shape == (6 + 2,)
+    torch.testing.assert_close(opt.multipliers(), expected)
+    for p, old, m in zip(extra.parameters(), before, expected[6:]):  # the new group's own lr, times m
+        torch.testing.assert_close(p.detach(), old - 0.01 * m * p.grad)
     assert set(opt.block_multipliers()) == {"group0", "extra"}
-    snr = AutoSNR(torch.optim.SGD(model.parameters(), lr=0.1), threshold=0.5)
+    snr = AutoSNR(torch.optim.SGD(model.parameters(), lr=0.1), threshold=0.5, samples=2)
     snr.add_param_group({"params": list(extra.parameters())})
-    assert snr.mask().shape == (8,)
+    for x, y in data(2):
+        snr.zero_grad()
+        (torch.nn.functional.cross_entropy(model(x), y) + extra(x[:, :3]).pow(2).sum()).backward()
+        snr.step()
+    assert snr.mask().shape == (8,) and (snr.raw_snr()[6:] > 0).all()  # the new tensors were measured
 
 
 @pytest.mark.parametrize("kind", sorted(WRAPPERS))
@@ -223,14 +286,15 @@ def test_deepcopy_and_pickle(kind):
     for x, y in data(4):
         train_step(model, opt, x, y)
     clone = copy.deepcopy({"model": model, "opt": opt})
-    clone_model, clone_opt = clone["model"], clone["opt"]
-    pickled = pickle.loads(pickle.dumps(clone_opt))
-    assert isinstance(pickled, type(opt))
+    pickled = pickle.loads(pickle.dumps(clone))
+    assert isinstance(pickled["opt"], type(opt))
+    runs = [(model, opt), (clone["model"], clone["opt"]), (pickled["model"], pickled["opt"])]
     for x, y in data(3, seed=5):
-        train_step(model, opt, x, y)
-        train_step(clone_model, clone_opt, x, y)
-    for a, b in zip(model.parameters(), clone_model.parameters()):
-        assert torch.equal(a, b)
+        for run_model, run_opt in runs:
+            train_step(run_model, run_opt, x, y)
+    for run_model, run_opt in runs[1:]:  # copies continue exactly, statistics included
+        assert all(torch.equal(a, b) for a, b in zip(model.parameters(), run_model.parameters()))
+        assert all(torch.equal(a, b) for a, b in zip(views(opt).values(), views(run_opt).values()))
 
 
 SYNC_CALLS = ["item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__", "nonzero"]
