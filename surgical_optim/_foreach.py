@@ -21,6 +21,8 @@ __all__ = [
     "GatherPlan",
     "gather_plan",
     "per_tensor_norms",
+    "local_norms",
+    "combine_shard_norms",
     "sum_over_shards",
 ]
 
@@ -123,11 +125,27 @@ def gather_plan(
 def per_tensor_norms(
     plan: GatherPlan, lists: Sequence[Sequence[torch.Tensor]], dtype: torch.dtype
 ) -> list[torch.Tensor]:
-    """For each list of tensors (laid out as the plan's tensors), the L2 norm of each tensor.
+    """For each list of tensors (laid out as the plan's tensors), the L2 norm of each tensor, whole
+    tensors for DTensors (their shards' squares are summed over the mesh, as ``combine_shard_norms``).
+
+    The all-reduce's shape follows the plan's tensors: callers whose tensor list may differ between
+    ranks (gradients present on some only) use ``local_norms`` and ``combine_shard_norms`` over a
+    plan of every parameter instead.
+    """
+    results = local_norms(plan, lists, dtype)
+    if plan.sharded is None:
+        return results
+    return combine_shard_norms(plan, results)
+
+
+def local_norms(
+    plan: GatherPlan, lists: Sequence[Sequence[torch.Tensor]], dtype: torch.dtype
+) -> list[torch.Tensor]:
+    """For each list of tensors (laid out as the plan's tensors), the L2 norm of each tensor's local
+    part (the local shard of a DTensor). No communication.
 
     Returns one 1-D ``dtype`` tensor per input list, on ``plan.device``, in the caller's order.
-    Norms, not squared norms, so that tiny or huge tensors do not under/overflow; only sharded
-    tensors go through squares, to add their shards up over the mesh.
+    Norms, not squared norms, so that tiny or huge tensors do not under/overflow.
     """
     outputs: list[list[torch.Tensor]] = [[] for _ in lists]
     for dev, tensor_dtype, indices in plan.groups:
@@ -145,10 +163,16 @@ def per_tensor_norms(
         if not plan.single_group_in_order:
             flat = flat.index_select(0, plan.inverse)
         results.append(flat)
+    return results
+
+
+def combine_shard_norms(plan: GatherPlan, norms: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Whole-tensor norms from local-shard norms laid out as ``plan``'s tensors: only sharded
+    tensors go through squares, to add their shards up over the mesh (one all-reduce per group)."""
     if plan.sharded is None:
-        return results
-    squares = sum_over_shards(plan, [r * r for r in results])
-    return [torch.where(plan.sharded, torch.sqrt(sq), r) for sq, r in zip(squares, results)]
+        return norms
+    squares = sum_over_shards(plan, [r * r for r in norms])
+    return [torch.where(plan.sharded, torch.sqrt(sq), r) for sq, r in zip(squares, norms)]
 
 
 def sum_over_shards(plan: GatherPlan, vectors: list[torch.Tensor]) -> list[torch.Tensor]:

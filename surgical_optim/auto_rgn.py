@@ -49,7 +49,7 @@ import torch
 from torch.optim import Optimizer
 
 from ._fold import FoldLayout, fold_ready, fold_unsupported_reason, folded_step, is_low_precision
-from ._foreach import gather_plan, host_readable, local_tensors, per_tensor_norms
+from ._foreach import GatherPlan, combine_shard_norms, gather_plan, host_readable, local_norms, local_tensors
 from ._wrapper import OptimizerWrapper
 
 __all__ = ["AutoRGN", "rgn_multipliers"]
@@ -158,6 +158,8 @@ class AutoRGN(OptimizerWrapper):
         self._excluded = [self._is_excluded(p) for p in self._params_cache]
         self._has_complex = any(torch.is_complex(p) for p in self._params_cache)
         self._plans: dict = {}
+        # every parameter's shard groups: the collective's shape is the layout's, not this step's
+        self._layout_shard_plan = GatherPlan(self._params_cache, self._device)
         # snapshot buffers by parameter position, allocated on first use and reused every step
         self._snapshots: dict[int, torch.Tensor] = {}
         opts: dict[str, Any] = {"device": self._device, "dtype": self._dtype}
@@ -241,11 +243,14 @@ class AutoRGN(OptimizerWrapper):
             trained.append(p)
         if not trained:  # nothing to measure: multipliers stay as they are
             self._last_step["folded"] = False
+            # ... but this rank still takes part in the other ranks' all-reduce
+            self._combine_shards([], None, [self._multipliers.new_zeros(0)] * 2)
             return self._inner_step(inner_closure)
 
         grads = [p.grad for p in trained if p.grad is not None]  # all of them: filtered above
         plan = gather_plan(self._plans, tuple(positions), trained, self._device)
-        grad_norms, param_norms = per_tensor_norms(plan, [grads, trained], self._dtype)
+        norms = local_norms(plan, [grads, trained], self._dtype)
+        grad_norms, param_norms = self._combine_shards(positions, plan, norms)
         self._update_multipliers(positions, grad_norms, param_norms)
         local = self._multipliers.index_select(0, plan_index(positions, self._plans, self._device))
 
@@ -268,6 +273,25 @@ class AutoRGN(OptimizerWrapper):
         out = self._inner_step(inner_closure)
         self._rescale_updates(plan, trained_local, snapshots, local)
         return loss if closure is not None else out
+
+    def _combine_shards(
+        self, positions: list[int], plan: Any, norms: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """Whole-tensor norms of the trained tensors from their local-shard norms (FSDP2, HSDP).
+
+        The all-reduce runs over a vector of every parameter, with zeros for those without a
+        gradient here, and over every shard group of the layout: its shape never depends on which
+        gradients this rank has, so ranks that disagree (an unused parameter on one rank) still
+        meet in the same collective instead of mismatching or hanging.
+        """
+        layout_plan = self._layout_shard_plan
+        if layout_plan.sharded is None:
+            return norms
+        n = self._multipliers.numel()
+        index = plan_index(positions, self._plans, self._device)
+        full = [torch.zeros(n, device=self._device, dtype=self._dtype).index_copy_(0, index, v) for v in norms]
+        combined = combine_shard_norms(layout_plan, full)
+        return [v.index_select(0, index) for v in combined]
 
     def _fold_layout(
         self, positions: list[int], trained: list[torch.Tensor], any_dtensor: bool

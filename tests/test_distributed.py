@@ -11,6 +11,8 @@ every shard twice.
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -74,31 +76,57 @@ GLOBAL_BATCH = 8
 
 def worker(rank: int, world: int, mode: str, out_dir: str) -> None:
     # rendezvous through a file, not a port: no clash with other jobs on the machine
-    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=world)
+    # a bounded timeout: a collective that ranks disagree on fails the test instead of hanging it
+    dist.init_process_group(
+        "gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=world, timeout=timedelta(seconds=60)
+    )
     try:
         for kind in sorted(WRAPPERS):  # one process pair for all wrappers: spawning is the slow part
             train_on_share(rank, world, mode, kind, out_dir)
+        if mode != "ddp":
+            uneven_gradients(rank, world, mode, out_dir)
         dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
-def train_on_share(rank: int, world: int, mode: str, kind: str, out_dir: str) -> None:
-    model = make_model()
+def distribute(model: torch.nn.Module, mode: str, world: int) -> torch.nn.Module:
     if mode == "ddp":
-        model = torch.nn.parallel.DistributedDataParallel(model)
-    else:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+        return torch.nn.parallel.DistributedDataParallel(model)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
 
-        if mode == "fsdp2":
-            mesh = init_device_mesh("cpu", (world,))
-        else:
-            mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
-        for layer in model:
-            if isinstance(layer, torch.nn.Linear):
-                fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+    if mode == "fsdp2":
+        mesh = init_device_mesh("cpu", (world,))
+    else:
+        mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def uneven_gradients(rank: int, world: int, mode: str, out_dir: str) -> None:
+    """Ranks that disagree on which parameters have gradients: rank 1 drops one gradient at step 1
+    and all of them at step 2. The statistics' all-reduce must keep one shape on every rank."""
+    model = distribute(make_model(), mode, world)
+    opt = AutoRGN(torch.optim.AdamW(model.parameters(), lr=1e-2))
+    history = []
+    for step, (x, y) in enumerate(global_batches()[:4]):
+        share = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[share]), y[share]).backward()
+        if rank == 1 and step in (1, 2):
+            for p in list(model.parameters())[: 1 if step == 1 else None]:
+                p.grad = None
+        opt.step()
+        history.append(opt.multipliers())
+    torch.save(history, f"{out_dir}/uneven_rank{rank}.pt")
+
+
+def train_on_share(rank: int, world: int, mode: str, kind: str, out_dir: str) -> None:
+    model = distribute(make_model(), mode, world)
     opt = WRAPPERS[kind](torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1))
     history = []
     for x, y in global_batches():
@@ -145,3 +173,20 @@ def test_ranks_match_single_process(kind, rank_results):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
         expected_norms = torch.stack([p.norm() for p in rank["params"]])
         torch.testing.assert_close(rank["norms"], expected_norms, rtol=1e-5, atol=1e-6)
+
+
+def test_ranks_without_some_gradients_still_meet_in_the_collective(rank_results):
+    out_dir, world = rank_results
+    if not (out_dir / "uneven_rank0.pt").exists():
+        pytest.skip("DDP all-reduces gradients itself; the wrappers run no collective there")
+    histories = [torch.load(out_dir / f"uneven_rank{r}.pt", weights_only=True) for r in range(world)]
+    for history in histories:
+        for multipliers in history:
+            assert torch.isfinite(multipliers).all() and multipliers.max() == 1
+    # step 0, every gradient everywhere: every rank computes the same multipliers
+    for other in histories[1:]:
+        assert torch.equal(histories[0][0], other[0])
+    # step 3, again every gradient, after rank 1 skipped two updates (so HSDP's replicas now
+    # differ): ranks of one shard group (0 and 1; 2 and 3) met in one all-reduce and agree
+    for first in range(0, world, 2):
+        assert torch.equal(histories[first][3], histories[first + 1][3])
