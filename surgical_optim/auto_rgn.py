@@ -151,7 +151,25 @@ class AutoRGN(OptimizerWrapper):
             if model is not None
             else {}
         )
+        self._check_patterns_match()
         self._on_layout_change()
+
+    def _check_patterns_match(self) -> None:
+        """An ``exclude`` pattern that matches no parameter of the optimizer is a typo or a pattern
+        for another model: say so here rather than silently train what it meant to exclude."""
+        names = [self._param_names[id(p)] for p in self.params() if id(p) in self._param_names]
+        if self._exclude_patterns and not names:
+            raise ValueError(
+                "exclude= needs the model whose parameters the optimizer holds, but none of the "
+                "optimizer's parameters belongs to the model passed as model="
+            )
+        for pattern in self._exclude_patterns:
+            if not any(pattern.search(name) for name in names):
+                sample = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+                raise ValueError(
+                    f"exclude pattern {pattern.pattern!r} matches no parameter of the optimizer "
+                    f"(names look like: {sample}); fix the pattern or drop it"
+                )
 
     # ------------------------------------------------------------------ layout and buffers
     def _reset_statistics(self, n: int) -> None:

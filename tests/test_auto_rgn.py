@@ -343,3 +343,14 @@ def test_idle_tensor_keeps_its_multiplier_between_refreshes():
     a.grad, b.grad = torch.tensor([1.0]), torch.tensor([0.5])
     opt.step()  # refresh from the window mean: a 1.0, b (0.5 + 0 + 0.5) / 3
     assert opt.multipliers().tolist() == pytest.approx([1.0, 1.0 / 3.0])
+
+
+def test_exclude_pattern_matching_nothing_is_an_error():
+    model = make_model()
+    with pytest.raises(ValueError, match=r"exclude pattern 'bn' matches no parameter.*names look like: 0\.weight"):
+        AutoRGN(torch.optim.SGD(model.parameters(), lr=0.1), exclude=["^1\\.", "bn"], model=model)
+    other = make_model(seed=1)
+    with pytest.raises(ValueError, match="none of the optimizer's parameters belongs to the model"):
+        AutoRGN(torch.optim.SGD(model.parameters(), lr=0.1), exclude="weight", model=other)
+    # a pattern that matches is accepted
+    AutoRGN(torch.optim.SGD(model.parameters(), lr=0.1), exclude="^1\\.", model=model)
