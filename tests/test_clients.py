@@ -524,12 +524,7 @@ def test_transformers_tiny_bert_block_multipliers():
     )
     model = transformers.BertForSequenceClassification(config)
     model.train()
-    param_groups_by_block = getattr(surgical_optim, "param_groups_by_block", None)
-    if param_groups_by_block is not None:
-        groups = param_groups_by_block(model)
-    else:
-        # surgical_optim.blocks is not importable yet: one unnamed group ("group0")
-        groups = model.parameters()
+    groups = surgical_optim.param_groups_by_block(model)
     wrapper = AutoRGN(torch.optim.AdamW(groups, lr=1e-3))
     scheduler = transformers.get_linear_schedule_with_warmup(wrapper, num_warmup_steps=1, num_training_steps=4)
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -554,20 +549,22 @@ def test_transformers_tiny_bert_block_multipliers():
     moved = [n for n, p in model.named_parameters() if not torch.equal(p, initial[n])]
     assert "classifier.weight" in moved and any("encoder.layer.0" in n for n in moved)
 
+    # the encoder's split, as the README describes it: embeddings, one block per layer, pooler, head
+    names = ["embeddings", "layer0", "layer1", "pooler", "classifier"]
     blocks = wrapper.block_multipliers()
-    names = [str(group.get("name", f"group{i}")) for i, group in enumerate(wrapper.param_groups)]
     assert list(blocks) == names
-    if param_groups_by_block is not None:
-        # embeddings, one block per encoder layer, pooler, classifier (the exact names are blocks.py's)
-        assert len(names) >= 2 + config.num_hidden_layers
-        assert all(not name.startswith("group") for name in names)
-    assert len(blocks) == len(wrapper.param_groups)
-    values = torch.stack(list(blocks.values()))
+    values = torch.stack([torch.as_tensor(v) for v in blocks.values()])
     assert torch.all((values >= 0) & (values <= 1))
     m = wrapper.multipliers()
     assert m.numel() == sum(1 for _ in model.parameters())
     assert m.max().item() == 1.0
     assert torch.all((m >= 0) & (m <= 1))
+    # each block's mean multiplier is the mean over its own tensors, in param_groups order
+    start = 0
+    for group, value in zip(wrapper.param_groups, values):
+        count = len(group["params"])
+        torch.testing.assert_close(value, m[start : start + count].mean())
+        start += count
     summary = wrapper.block_summary()
     assert [row["name"] for row in summary] == names
     assert sum(row["tensors"] for row in summary) == m.numel()
