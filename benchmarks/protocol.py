@@ -237,7 +237,9 @@ class _Split:
             return
         loader = self.loader
         if shuffle and isinstance(self.loader.dataset, Dataset) and getattr(self, "_dataset_batch", None):  # type: ignore[union-attr]
-            loader = DataLoader(self.loader.dataset, batch_size=batch_size, shuffle=True, generator=generator)  # type: ignore[union-attr]
+            # the permutation the tensor path draws: the same data as a Dataset or as tensors, the same batches
+            order = torch.randperm(len(self), generator=generator).tolist()
+            loader = DataLoader(self.loader.dataset, batch_size=batch_size, sampler=order)  # type: ignore[union-attr]
         if shard is not None:
             loader = _shard_loader(loader, *shard, split)  # type: ignore[arg-type]
         empty: Batch | None = None

@@ -7,9 +7,11 @@ import json
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from benchmarks.protocol import (
+    AutoSNRMethod,
+    GradualUnfreezing,
     Method,
     PrefixCache,
     ProtocolConfig,
@@ -20,7 +22,7 @@ from benchmarks.protocol import (
     register_method,
     split_stages,
 )
-from surgical_optim import select_blocks
+from surgical_optim import param_groups_by_block, select_blocks
 
 
 class TinyResNetLike(nn.Module):
@@ -64,6 +66,8 @@ def _model(seed: int = 0) -> TinyResNetLike:
     return m.eval()
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CFG = ProtocolConfig(lrs=(1e-2, 1e-3), epochs=3, batch_size=16)
 
 
@@ -93,13 +97,18 @@ def test_split_stages_none_for_unknown_layout():
     assert split_stages(Odd()) is None
 
 
+def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return int((model.eval()(x).argmax(1) == y).sum()) / len(y)
+
+
 def test_none_evaluates_without_training():
     m = _model()
     train, val, test = _data(48, 1), _data(24, 2), _data(30, 3)
     r = finetune(m, "none", train, val, test, config=CFG)
-    direct = evaluate(m, test)
     assert r.lr is None and r.epoch == 0
-    assert r.test_acc == pytest.approx(direct.acc)
+    assert r.test_acc == _accuracy(m, *test) and r.val_acc == _accuracy(m, *val)
+    assert evaluate(m, test).acc == r.test_acc
 
 
 def test_model_is_not_modified_and_bn_stats_frozen():
@@ -186,45 +195,188 @@ def test_selection_is_by_validation_and_deterministic():
 
 
 def test_worst_group_accuracy_reported_and_json():
+    """Test accuracy per group, measured here with the selected weights, is what the result reports."""
     m = _model()
-    r = finetune(m, "fc", _data(48, 1), _data(24, 2), _data(30, 3, groups=True), config=CFG)
-    assert r.worst_group_acc is not None
-    assert set(r.group_accs) == {"0", "1"}
-    assert r.worst_group_acc == pytest.approx(min(r.group_accs.values()))
+    x, y = _data(30, 3)
+    g = (y == 0).long()  # groups tied to a class, so that their accuracies differ
+    r = finetune(m, "fc", _data(48, 1), _data(24, 2), (x, y, g), config=CFG, return_state=True)
+    tuned = _model()
+    tuned.load_state_dict(r.state)
+    by_group = {str(k): _accuracy(tuned, x[g == k], y[g == k]) for k in (0, 1)}
+    assert r.group_accs == pytest.approx(by_group, abs=1e-12)
+    assert r.worst_group_acc == pytest.approx(min(by_group.values()), abs=1e-12)
+    assert r.test_acc == pytest.approx(_accuracy(tuned, x, y), abs=1e-12)
+    assert by_group["0"] != by_group["1"]  # the groups differ here, so the worst one is a real choice
     json.dumps(r.to_dict())
 
 
-def test_dataloader_and_dataset_inputs():
+class _SameOrderAsTensors(Sampler):
+    """One permutation per epoch from a generator seeded once with ``seed``: the order in which the protocol
+    draws tensor data for a single learning rate, so a loader with this sampler yields the same batches."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.generator = n, torch.Generator().manual_seed(seed)
+
+    def __iter__(self):
+        return iter(torch.randperm(self.n, generator=self.generator).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+@pytest.mark.parametrize("train_form", ["loader", "dataset"])
+def test_dataloader_and_dataset_inputs_train_like_tensors(train_form):
+    """The same batches as a DataLoader (or the same data as a Dataset) give the same numbers as tensors."""
     m = _model()
-    xtr, ytr = _data(48, 1)
-    loader = DataLoader(TensorDataset(xtr, ytr), batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(0))
-    val = TensorDataset(*_data(24, 2))
-    test = TensorDataset(*_data(30, 3, groups=True))
-    r = finetune(m, "layer4", loader, val, test, config=CFG)
-    assert r.precomputed_prefix == 0  # no precompute for loaders under "auto"
-    assert 0.0 <= r.test_acc <= 1.0 and r.worst_group_acc is not None
+    train, val, test = _data(48, 1), _data(24, 2), _data(30, 3, groups=True)
+    cfg = ProtocolConfig(lrs=(1e-2,), epochs=3, batch_size=16, precompute_prefix=False)
+    ref = finetune(m, "layer3", train, val, test, config=cfg, seed=5, return_state=True)
+    if train_form == "loader":
+        train_in = DataLoader(TensorDataset(*train), batch_size=16, sampler=_SameOrderAsTensors(48, seed=5))
+    else:
+        train_in = TensorDataset(*train)
+    auto = ProtocolConfig(lrs=(1e-2,), epochs=3, batch_size=16)  # "auto": no prefix precompute for these
+    got = finetune(m, "layer3", train_in, TensorDataset(*val), TensorDataset(*test), config=auto, seed=5,
+                   return_state=True)
+    assert got.precomputed_prefix == 0
+    assert got.val_curves == ref.val_curves and (got.lr, got.epoch) == (ref.lr, ref.epoch)
+    assert got.test_acc == ref.test_acc and got.group_accs == ref.group_accs
+    assert got.worst_group_acc == ref.worst_group_acc is not None
+    assert got.val_loss == pytest.approx(ref.val_loss, rel=1e-6)  # evaluation batches differ: float order
+    changed = [k for k in ref.state if not torch.equal(ref.state[k], m.state_dict()[k])]
+    assert changed and all(k.startswith("layer3.") for k in changed)  # something trained, the right block
+    for k in ref.state:
+        assert torch.equal(got.state[k], ref.state[k]), k
 
 
-def test_auto_methods_and_diagnostics():
+def _block_of(model: nn.Module) -> dict[str, str]:
+    """Parameter name -> block name (the library's default split)."""
+    block = {id(p): g["name"] for g in param_groups_by_block(model, trainable_only=False) for p in g["params"]}
+    return {n: block[id(p)] for n, p in model.named_parameters()}
+
+
+def test_auto_rgn_scales_each_tensors_step_by_the_multiplier_it_reports():
+    """One Adam step: a tensor's step under Auto-RGN is its multiplier times its step under plain full
+    fine-tuning (the first Adam step is linear in the lr), so the observed ratios are the multipliers."""
     m = _model()
     data = (_data(48, 1), _data(24, 2), _data(30, 3))
-    cfg = ProtocolConfig(lrs=(1e-2,), epochs=3, batch_size=16, method_options={"auto_snr": {"threshold": 0.5, "samples": 2}})
-    r = finetune(m, "auto_rgn", *data, config=cfg)
-    mult = r.diagnostics["0.01"]["block_multipliers"]
-    assert list(mult) == ["stem", "layer1", "layer2", "layer3", "layer4", "fc"]
-    assert all(0.0 <= v <= 1.0 for v in mult.values())
-    s = finetune(m, "auto_snr", *data, config=cfg)
-    frac = s.diagnostics["0.01"]["trained_fraction"]
-    assert all(0.0 <= v <= 1.0 for v in frac.values())
-    json.dumps(r.to_dict())
-    json.dumps(s.to_dict())
+    cfg = ProtocolConfig(lrs=(1e-2,), epochs=1, batch_size=48)  # one epoch of one batch: one step
+    plain = finetune(m, "all", *data, config=cfg, return_state=True)
+    rgn = finetune(m, "auto_rgn", *data, config=cfg, return_state=True)
+    source = {n: p.detach() for n, p in m.named_parameters()}
+    ratio = {n: float((rgn.state[n] - p).norm() / (plain.state[n] - p).norm()) for n, p in source.items()}
+    assert all(0.0 <= r <= 1.0 + 1e-4 for r in ratio.values()), ratio
+    assert max(ratio.values()) == pytest.approx(1.0, abs=1e-4)  # the largest RGN trains at the full lr
+    assert min(ratio.values()) < 0.1  # and others far slower: not the plain path
+    reported = rgn.diagnostics["0.01"]["block_multipliers"]
+    block = _block_of(m)
+    assert list(reported) == ["stem", "layer1", "layer2", "layer3", "layer4", "fc"]
+    for name, value in reported.items():
+        observed = [r for n, r in ratio.items() if block[n] == name]
+        assert value == pytest.approx(sum(observed) / len(observed), rel=1e-3, abs=1e-5), name
 
 
-@pytest.mark.parametrize("name", ["gradual_last_first", "gradual_first_last", "l1_sp"])
-def test_extra_methods_run(name):
+class _AutoSNRWatched(AutoSNRMethod):
+    """Auto-SNR that also records its mask and which tensors moved once the mask was in force."""
+
+    def __init__(self, log: list, **options) -> None:
+        super().__init__(**options)
+        self.log = log
+
+    def setup(self, model, lr, config, make_optimizer):
+        self.model = model
+        return super().setup(model, lr, config, make_optimizer)
+
+    def after_step(self, model, optimizer, step):
+        if step == self.options["samples"]:  # the mask is estimated now and applies from the next step
+            self.before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def diagnostics(self):
+        moved = {n for n, p in self.model.named_parameters() if not torch.equal(p, self.before[n])}
+        kept = self._opt.mask().tolist()
+        by_id = {id(p): n for n, p in self.model.named_parameters()}
+        names = [by_id[id(p)] for g in self._opt.param_groups for p in g["params"]]
+        self.log.append({"moved": moved, "kept": {n for n, k in zip(names, kept) if k}})
+        return super().diagnostics()
+
+
+def test_auto_snr_trains_exactly_the_tensors_its_mask_keeps():
     m = _model()
-    r = finetune(m, name, _data(48, 1), _data(24, 2), _data(30, 3), config=CFG)
-    assert 0.0 <= r.test_acc <= 1.0
+    log: list = []
+    cfg = ProtocolConfig(lrs=(1e-2,), epochs=3, batch_size=16)
+    r = finetune(m, lambda: _AutoSNRWatched(log, threshold=0.5, samples=2), _data(48, 1), _data(24, 2),
+                 _data(30, 3), config=cfg)
+    (seen,) = log
+    names = {n for n, _ in m.named_parameters()}
+    assert seen["moved"] == seen["kept"]  # after the estimate, the frozen tensors stay where they were
+    assert 0 < len(seen["kept"]) < len(names)  # and the threshold froze some, not all
+    block = _block_of(m)
+    fractions = r.diagnostics["0.01"]["trained_fraction"]
+    for name, fraction in fractions.items():  # the reported fractions are those of the tensors that moved
+        members = [n for n in names if block[n] == name]
+        assert fraction == pytest.approx(sum(n in seen["moved"] for n in members) / len(members)), name
+    assert min(fractions.values()) < 1.0
+
+
+class _GradualWatched(GradualUnfreezing):
+    """Gradual unfreezing that records, per epoch, the blocks that may train and the blocks that moved."""
+
+    def __init__(self, direction: str, log: list) -> None:
+        super().__init__(direction)
+        self.log = log
+
+    def on_epoch_start(self, model, optimizer, epoch, epochs):
+        self._close_epoch()
+        super().on_epoch_start(model, optimizer, epoch, epochs)
+        trainable = [g["name"] for g in self._groups if all(p.requires_grad for p in g["params"])]
+        self.log.append({"trainable": trainable})
+        self.before = [[p.detach().clone() for p in g["params"]] for g in self._groups]
+
+    def _close_epoch(self) -> None:
+        if self.log and "moved" not in self.log[-1]:
+            self.log[-1]["moved"] = [g["name"] for g, old in zip(self._groups, self.before)
+                                     if any(not torch.equal(p, q) for p, q in zip(g["params"], old))]
+
+    def diagnostics(self):
+        self._close_epoch()
+        return super().diagnostics()
+
+
+@pytest.mark.parametrize("direction", ["last_first", "first_last"])
+def test_gradual_unfreezing_adds_a_block_on_the_scheduled_epochs(direction):
+    """6 blocks over 7 epochs: one more block every ceil(7 / 6) = 2 epochs, and only those blocks move."""
+    m = _model()
+    log: list = []
+    cfg = ProtocolConfig(lrs=(1e-2,), epochs=7, batch_size=16)
+    finetune(m, lambda: _GradualWatched(direction, log), _data(48, 1), _data(24, 2), _data(30, 3), config=cfg)
+    blocks = ["stem", "layer1", "layer2", "layer3", "layer4", "fc"]
+    counts = [1, 1, 2, 2, 3, 3, 4]
+    want = [blocks[-k:] if direction == "last_first" else blocks[:k] for k in counts]
+    assert [e["trainable"] for e in log] == want
+    assert [e["moved"] for e in log] == want
+
+
+def test_l1_sp_pulls_the_weights_towards_the_source():
+    """With strength 0, L1-SP is full fine-tuning to the bit; with a penalty, the fine-tuned weights stay
+    much closer to the source weights (Adam takes sign-like steps, so any strength that dominates the small
+    gradients holds those weights near the source)."""
+    m = _model()
+    data = (_data(48, 1), _data(24, 2), _data(30, 3))
+    source = {n: p.detach() for n, p in m.named_parameters()}
+
+    def tuned(method: str, strength: float = 0.0):
+        cfg = ProtocolConfig(lrs=(1e-2,), epochs=1, batch_size=8, method_options={"l1_sp": {"strength": strength}})
+        return finetune(m, method, *data, config=cfg, return_state=True).state  # one epoch: the last state
+
+    def distance(state) -> float:
+        return float(sum((state[n] - p).abs().sum() for n, p in source.items()))
+
+    full = tuned("all")
+    unpenalised = tuned("l1_sp", 0.0)
+    for k in full:
+        assert torch.equal(unpenalised[k], full[k]), k
+    for strength in (1e-2, 1.0):
+        assert distance(tuned("l1_sp", strength)) < 0.5 * distance(full), strength
 
 
 def test_register_custom_method_and_errors():
