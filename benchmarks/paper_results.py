@@ -44,9 +44,9 @@ __all__ = [
     "method_label",
 ]
 
-# From shared/paper.md. The paper's own per-dataset accuracies for the seven-dataset figure are not available
-# here; what is known is an independent re-run of the official setup (no adaptation / full FT / Auto-RGN) and
-# the paper's average ranks over the seven datasets.
+# The paper does not list its per-dataset accuracies for the seven-dataset figure (benchmarks/README.md,
+# 'Reference numbers'); what is known is an independent re-run of the official setup (no adaptation / full FT /
+# Auto-RGN) and the paper's average ranks over the seven datasets.
 PAPER_REFERENCE: dict[str, dict[str, float]] = {
     "cifar10c": {"none": 60.3, "all": 81.1, "auto_rgn": 82.5},
     "cifar_flip": {"none": 0.0, "all": 86.2, "auto_rgn": 88.7},
@@ -274,7 +274,8 @@ def average_ranks(summary: dict[tuple[str, str], dict[str, Any]], methods: Itera
 
 def format_table(summary: dict[tuple[str, str], dict[str, Any]]) -> str:
     """A Markdown table: rows = methods, columns = datasets; test accuracy mean ± s.e. over seeds (worst-group
-    accuracy after a slash where the dataset has groups), and the reference numbers from shared/paper.md."""
+    accuracy after a slash where the dataset has groups), and the reference numbers (benchmarks/README.md,
+    'Reference numbers')."""
     if not summary:
         return "(no finished runs)\n"
     for v in summary.values():
@@ -305,7 +306,8 @@ def format_table(summary: dict[tuple[str, str], dict[str, Any]]) -> str:
     out += (
         "\nTarget test accuracy (%), mean ± standard error over seeds; (lr, epoch) chosen by target validation "
         "accuracy per seed. 'wg' = worst-group accuracy. 'ref' = independent re-run of the official setup "
-        "(shared/paper.md), not the paper's own figure, whose per-block numbers are not available here.\n"
+        "(benchmarks/README.md, 'Reference numbers'), not the paper's own figure, whose per-block numbers are not "
+        "available here.\n"
     )
     ranked = [m for m in PAPER_AVERAGE_RANK if any(k[1] == m for k in summary)]
     ranks = average_ranks(summary, ranked) if len(ranked) > 1 else {}

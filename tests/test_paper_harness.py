@@ -81,7 +81,7 @@ def test_end_to_end_cifar10c_table_and_plot(tmp_path):
         assert label in table
     assert "cifar10c/fog/5" in table and "cifar10c/gaussian_noise/5" in table
     assert "cifar10c (mean of 2)" in table
-    assert "(ref 81.1)" in table  # paper.md reference beside full fine-tuning, on the family average
+    assert "(ref 81.1)" in table  # the reference number beside full fine-tuning, on the family average
     assert "±" in table  # two seeds -> mean ± s.e.
     assert (out / "relative_to_full_ft.png").stat().st_size > 1000
     # the table is regenerated from the JSON lines alone

@@ -106,8 +106,8 @@ def _source_target(
         raise error("no images in the official validation split (split 1), where the target splits come from")
     tr, va = split_or_layout_error(
         groups[pool], [target_train_per_group, target_val_per_group], seed,
-        options=("target_train_per_group", "target_val_per_group"), what="target split (of the official validation split)",
-        error=error, unit="group",
+        options=("target_train_per_group", "target_val_per_group"),
+        what="target split (of the official validation split)", error=error, unit="group",
     )
     idx = {
         "source_train": np.sort(src[n_val:]),
