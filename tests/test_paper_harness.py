@@ -318,6 +318,13 @@ def _bad_argument_case(kind: str, tmp: Path) -> tuple[list[str], str]:
     argv = _cifar10c_args(tmp, corruptions="fog", methods="none,all")
     if kind == "missing_dataset":
         return ["--data-root", str(tmp), "--out", str(tmp / "out")], "--dataset"
+    if kind == "report_without_results":
+        return ["--report", "--out", str(tmp / "out")], str(tmp / "out")
+    if kind == "imagenet_weights_not_cached":  # TORCH_HOME points into tmp (see the test)
+        _write_waterbirds(tmp / "wb", per_group=(2, 2, 2, 2))
+        return (["--dataset", "waterbirds", "--data-root", str(tmp / "wb"), "--imagenet-init", "1",
+                 "--loader-arg", "target_train_per_group=1", "--out", str(tmp / "out"), "--quiet"],
+                "resnet50-0676ba61.pth")
     if kind == "missing_checkpoint":
         i = argv.index("--source-checkpoint")
         argv[i + 1] = str(tmp / "no.pt")
@@ -337,12 +344,13 @@ def _bad_argument_case(kind: str, tmp: Path) -> tuple[list[str], str]:
     return argv + extra[0], extra[1]
 
 
-BAD_ARGUMENTS = ["missing_dataset", "missing_checkpoint", "lrs", "seeds", "method", "block", "loader_key",
+BAD_ARGUMENTS = ["missing_dataset", "report_without_results", "imagenet_weights_not_cached", "missing_checkpoint", "lrs", "seeds", "method", "block", "loader_key",
                  "loader_form", "loader_type", "corruption", "severity", "arch_mismatch"]
 
 
 @pytest.mark.parametrize("kind", BAD_ARGUMENTS)
-def test_bad_arguments_are_one_line(tmp_path, capsys, kind):
+def test_bad_arguments_are_one_line(tmp_path, capsys, monkeypatch, kind):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no cached ImageNet weights
     argv, fragment = _bad_argument_case(kind, tmp_path)
     line = _clean_failure(capsys, argv, tmp_path / "out")
     assert fragment in line, line
