@@ -1,6 +1,6 @@
 """A `torch.optim.Optimizer` that wraps another optimizer.
 
-The pitfalls this base class exists to avoid are listed in shared/wrapper-notes.md; in short:
+The pitfalls this base class exists to avoid:
 
 * it *is* an ``Optimizer`` (schedulers, Lightning and Accelerate check ``isinstance``);
 * ``param_groups``, ``state`` and ``defaults`` are properties that read the inner optimizer, so
@@ -11,11 +11,15 @@ The pitfalls this base class exists to avoid are listed in shared/wrapper-notes.
 * no attribute is forwarded blindly: in particular ``_step_supports_amp_scaling`` of a fused inner
   optimizer is *not* inherited, so ``GradScaler`` unscales gradients before our ``step`` sees them;
 * the wrapper's own state travels in the same ``state_dict`` under one extra key, and is restored by
-  the wrapper itself (``Optimizer.load_state_dict`` would cast it to the parameters' dtype).
+  the wrapper itself (``Optimizer.load_state_dict`` would cast it to the parameters' dtype);
+* ``torch.distributed.checkpoint`` (DCP, the usual FSDP2 path) is served too; see ``state_dict``.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+import sys
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -23,7 +27,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from ._foreach import local_tensor
+from ._foreach import DTensor, local_tensor
 
 __all__ = ["OptimizerWrapper"]
 
@@ -42,6 +46,8 @@ class OptimizerWrapper(Optimizer):
         super().__init_subclass__(**kwargs)
         if "_state_key" in cls.__dict__:
             _KINDS[cls._state_key] = cls.__name__
+        if "step" in cls.__dict__:
+            cls.step = _inner_only_when_dcp_initialises(cls.__dict__["step"])  # type: ignore[method-assign]
 
     def __init__(self, optimizer: Optimizer) -> None:
         if not isinstance(optimizer, Optimizer):
@@ -201,11 +207,23 @@ class OptimizerWrapper(Optimizer):
         pass
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        """The inner optimizer's state dict plus this wrapper's state under one extra key."""
+        """The inner optimizer's state dict plus this wrapper's state under one extra key.
+
+        For DCP's ``get_optimizer_state_dict``, which keeps only ``state`` and ``param_groups``, the
+        key goes into the first param group instead, in a form DCP can save and load: see
+        ``_portable_state``.
+        """
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         state_dict = dict(self._inner.state_dict())
-        state_dict[self._state_key] = self._wrapper_state()
+        dcp_caller = _dcp_frame("_get_optim_state_dict")
+        if dcp_caller is None:
+            state_dict[self._state_key] = self._wrapper_state()
+        else:
+            self._refuse_flattening(dcp_caller)
+            groups = [dict(group) for group in state_dict["param_groups"]]
+            groups[0][self._state_key] = self._portable_state()
+            state_dict["param_groups"] = groups
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, state_dict)
             if result is not None:
@@ -221,6 +239,9 @@ class OptimizerWrapper(Optimizer):
         state_dict = dict(state_dict)
         self._refuse_state_of_other_wrappers(state_dict)
         wrapper_state = state_dict.pop(self._state_key, None)
+        portable = _pop_from_groups(state_dict, self._state_key)
+        if portable is not None:
+            wrapper_state = self._from_portable(portable)
         if wrapper_state is not None:
             self._check_wrapper_state(wrapper_state)
         self._inner.load_state_dict(state_dict)
@@ -258,13 +279,66 @@ class OptimizerWrapper(Optimizer):
         # Without this check the inner optimizer would load the rest and the foreign state would be
         # dropped without a word. Missing state is fine: that wrapper starts fresh, as it does from a
         # plain inner-optimizer checkpoint.
-        foreign = sorted(_KINDS[key] for key in state_dict if key in _KINDS and key not in self._wrapper_keys())
+        keys = _wrapper_keys_in(state_dict)
+        foreign = sorted(_KINDS[key] for key in keys if key not in self._wrapper_keys())
         if foreign:
             raise ValueError(
                 f"the checkpoint holds {' and '.join(foreign)} state, which {_describe(self)} does not "
                 f"have: load it into the optimizer it was saved from, e.g. "
-                f"{_describe_kinds(state_dict)}, or drop those entries to start them fresh"
+                f"{_describe_kinds(keys)}, or drop those entries to start them fresh"
             )
+
+    # ------------------------------------------------------------------ torch.distributed.checkpoint
+    # DCP keeps an optimizer state dict's "state" and "param_groups" only (with every key of a param
+    # group), and dcp.load fills a state dict taken from a fresh optimizer, which must have the same
+    # structure - tensor for tensor - as the saved one. Plain tensors are saved once (they must be the
+    # same on every rank) and DTensors shard by shard.
+    def _portable_state(self) -> dict[str, Any]:
+        """``_wrapper_state()`` with a structure that does not change as training goes on.
+
+        Lists of per-parameter buffers (tensor or None) become DTensors shaped like their parameter
+        where it is one (the local buffers are FSDP2 shards) and zeros where a buffer is None, with
+        the None-ness kept aside. Such zeros cost memory in checkpoints taken through DCP only.
+        """
+        params = self.params()
+        portable: dict[str, Any] = {"state": {}, "buffers": {}, "present": {}}
+        for key, value in self._wrapper_state().items():
+            if _is_buffer_list(value) and len(value) == len(params):
+                portable["present"][key] = [buffer is not None for buffer in value]
+                portable["buffers"][key] = [_shardable(buffer, p) for buffer, p in zip(value, params)]
+            else:
+                portable["state"][key] = value
+        return portable
+
+    def _from_portable(self, portable: dict[str, Any]) -> dict[str, Any]:
+        params = self.params()
+        # .get: DCP's full_state_dict path flattens and rebuilds the dict, losing empty sub-dicts
+        state = dict(portable.get("state", {}))
+        for key, buffers in portable.get("buffers", {}).items():
+            present = portable["present"][key]
+            # no zip with params: a checkpoint of another model must reach _check_wrapper_state whole
+            state[key] = [
+                _local_buffer(buffer, params[i] if i < len(params) else None) if present[i] else None
+                for i, buffer in enumerate(buffers)
+            ]
+        return state
+
+    def _refuse_flattening(self, dcp_caller: Any) -> None:
+        # the flattened form is rebuilt on load from the live optimizer's param-group keys, which do
+        # not include ours: the state would be dropped when resuming, without a word
+        options = dcp_caller.f_locals.get("info")
+        if getattr(options, "flatten_optimizer_state_dict", False):
+            raise ValueError(
+                f"get_optimizer_state_dict(..., options=StateDictOptions(flatten_optimizer_state_dict=True)) "
+                f"cannot carry {_describe(self)}'s own state (set_optimizer_state_dict would drop it): "
+                "use flatten_optimizer_state_dict=False (the default)"
+            )
+
+    def _dcp_initialising(self) -> bool:
+        """Whether this step is DCP's zero-gradient step that creates a fresh optimizer's state."""
+        if torch.compiler.is_compiling() or self.state:
+            return False
+        return _dcp_frame("_init_optim_state") is not None
 
 
 def _chain(optimizer: Optimizer) -> list[Optimizer]:
@@ -281,8 +355,84 @@ def _describe(optimizer: Optimizer) -> str:
     return "(".join(names) + ")" * (len(names) - 1)
 
 
-def _describe_kinds(state_dict: dict[str, Any]) -> str:
+def _wrapper_keys_in(state_dict: dict[str, Any]) -> list[str]:
+    """The wrapper state keys of a checkpoint: top-level (own format) or in param groups (DCP)."""
+    keys = list(state_dict)
+    for group in state_dict.get("param_groups", []):
+        keys.extend(group)
+    return list(dict.fromkeys(key for key in keys if key in _KINDS))
+
+
+def _describe_kinds(keys: list[str]) -> str:
     """The wrappers whose state a checkpoint holds, as a construction, e.g. ``AutoSNR(AutoRGN(...))``."""
     # each wrapper adds its entry after its inner optimizer's, so the outermost comes last
-    names = [_KINDS[key] for key in reversed(list(state_dict)) if key in _KINDS]
+    names = [_KINDS[key] for key in reversed(keys)]
     return "(".join(names + ["..."]) + ")" * len(names)
+
+
+def _pop_from_groups(state_dict: dict[str, Any], key: str) -> Any:
+    """Remove ``key`` from every param group (DCP may move it to another); return its value."""
+    found = None
+    groups = []
+    for group in state_dict.get("param_groups", []):
+        if key in group:
+            group = dict(group)
+            value = group.pop(key)
+            found = value if found is None else found
+        groups.append(group)
+    if "param_groups" in state_dict:
+        state_dict["param_groups"] = groups
+    return found
+
+
+def _is_buffer_list(value: Any) -> bool:
+    return isinstance(value, list) and all(v is None or isinstance(v, torch.Tensor) for v in value)
+
+
+def _shardable(buffer: torch.Tensor | None, p: torch.Tensor) -> torch.Tensor:
+    local = local_tensor(p)
+    if buffer is None:  # zeros in the dtype the wrappers' statistics take
+        dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+        buffer = torch.zeros(local.shape, dtype=dtype, device=local.device)
+    if local is p:
+        return buffer
+    return DTensor.from_local(buffer, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+
+
+def _local_buffer(buffer: torch.Tensor, p: torch.Tensor | None) -> torch.Tensor:
+    if DTensor is None or not isinstance(buffer, DTensor):
+        return buffer
+    if p is not None and isinstance(p, DTensor):  # a no-op when DCP loaded into our own placeholder
+        return buffer.redistribute(p.device_mesh, p.placements).to_local()
+    return buffer.full_tensor()
+
+
+def _dcp_frame(function_name: str) -> Any:
+    """The frame of ``torch.distributed.checkpoint.state_dict.<function_name>`` if it is a caller.
+
+    DCP gives optimizers no hook of their own: it calls ``optim.state_dict()`` and ``optim.step()``
+    from these functions. If DCP was never imported, it is not calling.
+    """
+    function = getattr(sys.modules.get("torch.distributed.checkpoint.state_dict"), function_name, None)
+    if function is None:
+        return None
+    code = inspect.unwrap(function).__code__
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code is not code:
+        frame = frame.f_back
+    return frame
+
+
+def _inner_only_when_dcp_initialises(step: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a subclass's ``step``: DCP creates a fresh optimizer's state with a step on zero gradients
+    at learning rate 0. For the wrappers that would be a step of their statistics (a sample of zero
+    gradients, an RGN of 0 in the window, a step count); it initialises the innermost optimizer only,
+    exactly as DCP does for a bare one."""
+
+    @functools.wraps(step)
+    def guarded(self: OptimizerWrapper, *args: Any, **kwargs: Any) -> Any:
+        if self._dcp_initialising():
+            return _chain(self)[-1].step()
+        return step(self, *args, **kwargs)
+
+    return guarded
