@@ -20,6 +20,8 @@ import torch.multiprocessing as mp
 
 from surgical_optim import AutoRGN, AutoSNR
 
+from test_wrapper_protocol import views
+
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
 
 if dist.is_available():
@@ -74,18 +76,6 @@ def innermost(opt):
     while isinstance(opt, (AutoRGN, AutoSNR)):
         opt = opt.optimizer
     return opt
-
-
-def views(opt) -> dict[str, torch.Tensor]:
-    """The statistics of every wrapper in the chain."""
-    out = {}
-    while isinstance(opt, (AutoRGN, AutoSNR)):
-        if isinstance(opt, AutoRGN):
-            out["multipliers"] = opt.multipliers()
-        else:
-            out.update(mask=opt.mask(), raw_snr=opt.raw_snr())
-        opt = opt.optimizer
-    return out
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
