@@ -3,7 +3,8 @@
 Public API:
 
 * ``param_groups_by_block(model)`` - the model's parameters as ordered, named param groups (blocks).
-* ``select_blocks(model, which)`` - freeze all but the chosen blocks and return their groups.
+* ``select_blocks(model, which)`` - freeze all but the chosen blocks and return their groups;
+  ``"first"`` is the paper's first block (input stem + first stage), ``"last"`` the output head.
 * ``block_names(model)``, ``trainable_report(model)`` - inspection helpers.
 * ``AutoRGN(optimizer)`` - per-tensor learning rate scaled by the normalised relative gradient norm.
 * ``AutoSNR(optimizer, threshold)`` - freeze tensors whose normalised gradient SNR is below a threshold.
@@ -18,6 +19,7 @@ from .blocks import (
     BlockRow,
     BlockSelector,
     TrainableReport,
+    UnknownBlockError,
     block_names,
     param_groups_by_block,
     select_blocks,
@@ -35,6 +37,7 @@ __all__ = [
     "BlockSelector",
     "OptimizerWrapper",
     "TrainableReport",
+    "UnknownBlockError",
     "block_names",
     "param_groups_by_block",
     "per_example_gradient_snr",

@@ -56,19 +56,40 @@ parameters of their own (DistributedDataParallel's ``module``, ``torch.compile``
 LightningModule holding ``self.model``...). A user matcher always sees the full names of
 ``model.named_parameters()``.
 
+The paper's first block and last layer
+--------------------------------------
+The paper tunes "the first block" of a ResNet as conv1 + bn1 + the first stage, and of a
+RobustBench Wide-ResNet as conv1 + block1: the input stem together with the first stage. The
+blocks above keep the stem apart (so that it can be tuned alone), and ``select_blocks(model,
+"first")`` selects the stem *and* the block after it, whatever the architecture:
+
+* the stem is ``stem`` (ResNet, timm models, RegNet), ``embed`` (torchvision ViT), ``embeddings``
+  or ``embed_tokens`` (Hugging Face), the trunk's leading conv + norm units and layers in front of
+  its first stage (``features.0`` of ConvNeXt, EfficientNet, MobileNet, Swin; DenseNet's
+  ``features.conv0``, ``features.norm0``), or, by the fallback rule, the blocks in front of the
+  first split composite element (``stem`` in front of ``stages.0``);
+* a RobustBench WRN (conv1 already in ``block1``), a plain stack of layers (VGG, an MLP), a
+  callable matcher and a timm model whose matcher is a function (CaiT) have no separate stem:
+  "first" is their first block.
+
+``"last"`` is the last block, the output head (``fc``, ``head``, ``heads``, ``classifier``).
+
 Example::
 
     >>> import torch, torchvision
     >>> model = torchvision.models.resnet18(weights=None)
     >>> block_names(model)
     ['stem', 'layer1', 'layer2', 'layer3', 'layer4', 'fc']
-    >>> groups = select_blocks(model, "first")      # freeze everything but conv1 + bn1
+    >>> groups = select_blocks(model, "first")      # conv1 + bn1 + layer1, the paper's first block
+    >>> [g["name"] for g in groups]
+    ['stem', 'layer1']
     >>> optimizer = torch.optim.Adam(groups, lr=1e-3)
 """
 
 from __future__ import annotations
 
 import collections.abc
+import difflib
 import math
 import numbers
 import re
@@ -84,6 +105,7 @@ __all__ = [
     "BlockRow",
     "BlockSelector",
     "TrainableReport",
+    "UnknownBlockError",
     "block_names",
     "param_groups_by_block",
     "select_blocks",
@@ -181,7 +203,11 @@ def select_blocks(
 
     ``which`` is one of:
 
-    * ``"first"``, ``"last"`` or ``"all"`` (these keywords win over a block of the same name);
+    * ``"first"``: the paper's first block, the input stem together with the block after it
+      (``stem`` + ``layer1`` of a ResNet, ``stem`` + ``blocks.0`` of a timm ViT, ``embeddings`` +
+      ``layer0`` of BERT; the first block where there is no separate stem, see the module
+      docstring); ``"last"``: the last block, the output head; ``"all"`` (these keywords win over
+      a block of the same name);
     * a block name, e.g. ``"layer2"``;
     * an int index into ``block_names(model)``, negative counting from the end;
     * a ``slice`` or ``range`` of indices, e.g. ``slice(0, 2)`` for the first two blocks;
@@ -191,7 +217,8 @@ def select_blocks(
     different selections. Returns the selected blocks' param groups (all their parameters, now
     trainable) in model order, ready for an optimizer.
 
-    Raises ``KeyError`` (also a ``ValueError``) for an unknown name, listing the available ones;
+    Raises :class:`UnknownBlockError` (a ``KeyError`` and a ``ValueError``) for an unknown name,
+    listing the available ones;
     ``IndexError`` for an out-of-range index; ``ValueError`` for a selection of no block;
     ``TypeError`` for anything else.
 
@@ -203,8 +230,8 @@ def select_blocks(
         >>> model.fc.weight.requires_grad
         False
     """
-    blocks = _named_blocks(model, matcher)
-    chosen = _resolve_selection(which, [name for name, _ in blocks])
+    blocks, stem = _split_model(model, matcher)
+    chosen = _resolve_selection(which, [name for name, _ in blocks], stem)
     for index, (_, members) in enumerate(blocks):
         for _, param in members:
             param.requires_grad_(index in chosen)
@@ -296,10 +323,15 @@ def trainable_report(model: nn.Module, matcher: BlockMatcher | None = None) -> T
 # --------------------------------------------------------------------------------------------------
 
 
-def _named_blocks(
-    model: nn.Module, matcher: BlockMatcher | None
-) -> list[tuple[str, _NamedParams]]:
-    """Ordered (block name, [(parameter name, parameter), ...]) over all parameters."""
+class _Split(NamedTuple):
+    """A model's blocks in order, and how many leading blocks form its input stem."""
+
+    blocks: list[tuple[str, _NamedParams]]
+    stem: int  # 0 when no stem is recognised, or when nothing but the stem would follow
+
+
+def _split_model(model: nn.Module, matcher: BlockMatcher | None) -> _Split:
+    """Ordered (block name, [(parameter name, parameter), ...]) over all parameters, and the stem."""
     if not isinstance(model, nn.Module):
         raise TypeError(
             f"expected a torch.nn.Module, got {type(model).__name__}; pass the model itself "
@@ -310,10 +342,11 @@ def _named_blocks(
         raise ValueError(f"{type(model).__name__} has no parameters, so it has no blocks")
     names = [name for name, _ in named]
 
+    stem_names: frozenset[str] = frozenset()
     if matcher is None:
-        grouping = _auto_grouping(model, names)
+        grouping, stem_names = _auto_grouping(model, names)
     elif isinstance(matcher, Mapping):
-        grouping = _group_by_regex(names, matcher)
+        grouping, stem_names = _group_by_regex(names, matcher), _TIMM_STEM
     elif callable(matcher) and not isinstance(matcher, nn.Module):
         grouping = _group_by_block_fn(names, _checked_block_fn(matcher), order=())
     else:
@@ -321,7 +354,25 @@ def _named_blocks(
             "matcher must be a dict of regexes in timm's group_matcher protocol or a callable "
             f"mapping a parameter name to a block name (str), got {type(matcher).__name__}"
         )
-    return [(block, [named[i] for i in sorted(indices)]) for block, indices in grouping]
+    blocks = [(block, [named[i] for i in sorted(indices)]) for block, indices in grouping]
+    return _Split(blocks, _stem_length([block for block, _ in blocks], stem_names))
+
+
+def _named_blocks(model: nn.Module, matcher: BlockMatcher | None) -> list[tuple[str, _NamedParams]]:
+    return _split_model(model, matcher).blocks
+
+
+# timm's group_matcher names the input stem "stem" (patch embedding, first conv): a dict matcher
+# in its protocol follows the same convention.
+_TIMM_STEM = frozenset({"stem"})
+
+
+def _stem_length(names: list[str], stem_names: frozenset[str]) -> int:
+    """How many leading blocks are stem blocks; 0 unless a block follows them."""
+    length = 0
+    while length < len(names) and names[length] in stem_names:
+        length += 1
+    return length if length < len(names) else 0
 
 
 def _checked_block_fn(matcher: Callable[[str], Any]) -> Callable[[str], str]:
@@ -339,37 +390,40 @@ def _checked_block_fn(matcher: Callable[[str], Any]) -> Callable[[str], str]:
     return block_of
 
 
-def _auto_grouping(model: nn.Module, names: list[str]) -> _Grouping:
-    """Rules 2-4 of the module docstring, looking through single-child wrappers."""
+def _auto_grouping(model: nn.Module, names: list[str]) -> tuple[_Grouping, frozenset[str]]:
+    """Rules 2-4 of the module docstring, looking through single-child wrappers; and the names of
+    the blocks that form the input stem."""
     prefix = ""
     module = model
     while True:
         local = [name[len(prefix) :] for name in names]
-        grouping = _recognise(module, local)
-        if grouping is not None:
-            return grouping
+        found = _recognise(module, local)
+        if found is not None:
+            return found
         child = _sole_parameter_child(module)
         if child is None:
             break
         child_name, module = child
         prefix += child_name + "."
-    return [(prefix + block, indices) for block, indices in _fallback_grouping(module, local)]
+    grouping, stem = _fallback_grouping(module, local)
+    named = [(prefix + block, indices) for block, indices in grouping]
+    return named, frozenset(prefix + block for block in stem)
 
 
-def _recognise(module: nn.Module, names: list[str]) -> _Grouping | None:
+def _recognise(module: nn.Module, names: list[str]) -> tuple[_Grouping, frozenset[str]] | None:
     """The model's own group_matcher, else a recognised architecture, else None."""
     # Looked up on the class: a wrapper forwarding attributes must not lend its model's matcher.
     if callable(getattr(type(module), "group_matcher", None)):
         spec = type(module).group_matcher(module, coarse=True)  # type: ignore[attr-defined]
         if isinstance(spec, Mapping):
-            return _group_by_regex(names, spec)
+            return _group_by_regex(names, spec), _TIMM_STEM
         if callable(spec):  # a few timm models (CaiT, Inception) return name -> ordinal
-            return _group_by_ordinal(names, spec)
+            return _group_by_ordinal(names, spec), frozenset()
     for rule in _ARCHITECTURE_RULES:
         found = rule(module)
         if found is not None:
-            block_of, order = found
-            return _group_by_block_fn(names, block_of, order)
+            block_of, order, stem = found
+            return _group_by_block_fn(names, block_of, order), stem
     return None
 
 
@@ -555,23 +609,31 @@ def _make_unique(labels: list[str]) -> list[str]:
     return unique
 
 
-def _fallback_grouping(module: nn.Module, names: list[str]) -> _Grouping:
-    """Rule 4 of the module docstring: the top level in order, containers split by content."""
+def _fallback_grouping(module: nn.Module, names: list[str]) -> tuple[_Grouping, list[str]]:
+    """Rule 4 of the module docstring: the top level in order, containers split by content.
+
+    Also returns the stem: the blocks in front of the first stage, a stage being a composite
+    element of a split container (a residual stage or block, a transformer layer); none when the
+    split found no stage.
+    """
     if isinstance(module, _CONTAINERS):
         # The model is itself a container: its elements are the top level. Made only of layers,
         # it has nothing coarser to offer than one block per layer.
         top = _container_blocks(module, "", merge_layers=_has_composite(module))
     else:
         # Attributes are the user's own names for the parts, so each stays a block of its own.
-        top = [(key, [key]) for key, child in module._modules.items() if child is not None]
+        top = [(key, [key], False) for key, child in module._modules.items() if child is not None]
     block_of_path: dict[str, str] = {}
-    for label, keys in top:
+    stages: set[str] = set()
+    for label, keys, stage in top:
         child = module._modules[keys[0]]
         if len(keys) == 1 and isinstance(child, _CONTAINERS) and _has_composite(child):
-            for sub_label, sub_keys in _container_blocks(child, label + ".", merge_layers=True):
+            for sub_label, sub_keys, sub_stage in _container_blocks(child, label + ".", merge_layers=True):
                 block_of_path.update((f"{label}.{key}", sub_label) for key in sub_keys)
+                stages.update([sub_label] if sub_stage else [])
         else:
             block_of_path.update((key, label) for key in keys)
+            stages.update([label] if stage else [])
 
     def block_of(name: str) -> str:
         parts = name.split(".")
@@ -580,7 +642,10 @@ def _fallback_grouping(module: nn.Module, names: list[str]) -> _Grouping:
         # A top-level child, or a parameter registered directly on the model or on a container.
         return block_of_path.get(parts[0], parts[0]) if len(parts) > 1 else parts[0]
 
-    return _group_by_block_fn(names, block_of, order=())
+    grouping = _group_by_block_fn(names, block_of, order=())
+    blocks = [block for block, _ in grouping]
+    first_stage = next((i for i, block in enumerate(blocks) if block in stages), 0)
+    return grouping, blocks[:first_stage]
 
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -588,13 +653,14 @@ _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 def _container_blocks(
     container: nn.Module, prefix: str, merge_layers: bool
-) -> list[tuple[str, list[str]]]:
-    """(block name, element keys) of a container split into blocks, in order.
+) -> list[tuple[str, list[str], bool]]:
+    """(block name, element keys, whether the block is a stage) of a container split into blocks.
 
     Each composite element is a block. With ``merge_layers``, consecutive layers form one block
     (a stem of conv + bn, a transition, a final norm + classifier), named after its first and last
     element (``body.0-1``); without, each layer is a block. Parameterless elements (activations,
-    pooling, dropout) belong to no block and do not interrupt a run of layers.
+    pooling, dropout) belong to no block and do not interrupt a run of layers. A stage is a
+    composite element other than a plain container of layers (a conv + norm + activation unit).
     """
     runs: list[list[str]] = []
     in_run = False
@@ -608,7 +674,8 @@ def _container_blocks(
             runs.append([key])
         in_run = layer
     labels = [prefix + (keys[0] if len(keys) == 1 else f"{keys[0]}-{keys[-1]}") for keys in runs]
-    return list(zip(_make_unique(labels), runs))
+    is_stage = [len(keys) == 1 and _is_stage(container._modules[keys[0]]) for keys in runs]
+    return list(zip(_make_unique(labels), runs, is_stage))
 
 
 def _has_parameters(module: nn.Module) -> bool:
@@ -633,12 +700,22 @@ def _has_composite(container: nn.Module) -> bool:
     return any(child is not None and _is_composite(child) for child in container._modules.values())
 
 
+def _is_stage(module: nn.Module) -> bool:
+    """Whether a module is a unit of the network's body (a residual block or stage, a transformer
+    layer) rather than part of a stem: composite, and not a plain container of layers such as
+    torchvision's conv + norm + activation ``Conv2dNormActivation``."""
+    if not _is_composite(module):
+        return False
+    return not isinstance(module, _CONTAINERS) or _has_composite(module)
+
+
 # --------------------------------------------------------------------------------------------------
 # Architectures recognised by structure. Each rule returns (parameter name -> block name, the known
-# block names in input-to-output order) or None; parameter names are relative to the module.
+# block names in input-to-output order, the names of the blocks that form the input stem) or None;
+# parameter names are relative to the module.
 # --------------------------------------------------------------------------------------------------
 
-_Rule = Optional[tuple[Callable[[str], str], list[str]]]
+_Rule = Optional[tuple[Callable[[str], str], list[str], frozenset[str]]]
 
 
 # Rules look at registered children and parameters only (``_modules``, ``_parameters``), never
@@ -668,7 +745,7 @@ def _resnet_rule(module: nn.Module) -> _Rule:
         top = _top(name)
         return "stem" if top in ("conv1", "bn1") else top
 
-    return block_of, ["stem", *layers, "fc"]
+    return block_of, ["stem", *layers, "fc"], frozenset({"stem"})
 
 
 def _robustbench_wrn_rule(module: nn.Module) -> _Rule:
@@ -685,7 +762,7 @@ def _robustbench_wrn_rule(module: nn.Module) -> _Rule:
         top = _top(name)
         return joins.get(top, top)
 
-    return block_of, ["block1", "block2", "block3", "fc"]
+    return block_of, ["block1", "block2", "block3", "fc"], frozenset()  # conv1 is in block1
 
 
 def _torchvision_vit_rule(module: nn.Module) -> _Rule:
@@ -715,7 +792,7 @@ def _torchvision_vit_rule(module: nn.Module) -> _Rule:
                 return layer_blocks[-1]
         return parts[0]
 
-    return block_of, ["embed", *layer_blocks, "heads"]
+    return block_of, ["embed", *layer_blocks, "heads"], frozenset({"embed"})
 
 
 def _hf_encoder_rule(module: nn.Module) -> _Rule:
@@ -752,7 +829,7 @@ def _hf_block_fn(path: str, stack: tuple[str, ...], layers: nn.ModuleList) -> _R
         return parts[0]  # embeddings, pooler, a final norm: another child of the backbone
 
     order = ["embeddings", *(f"layer{i}" for i in range(len(layer_index))), "pooler"]
-    return block_of, order
+    return block_of, order, frozenset({"embeddings", "embed_tokens"})
 
 
 def _trunk_cnn_rule(module: nn.Module) -> _Rule:
@@ -769,7 +846,27 @@ def _trunk_cnn_rule(module: nn.Module) -> _Rule:
             return f"{trunk}.{parts[1]}"
         return parts[0]  # stem, norm, classifier, head, fc: each one block, never expanded
 
-    return block_of, []
+    return block_of, [], _trunk_stem(module, trunk)
+
+
+def _trunk_stem(module: nn.Module, trunk: str) -> frozenset[str]:
+    """The blocks in front of the trunk's first stage: a ``stem`` child (RegNet), the trunk's
+    leading conv + norm units and layers (``features.0``; DenseNet's ``conv0``, ``norm0``)."""
+    stem = []
+    for key, child in module._modules.items():
+        if child is None or not _has_parameters(child):
+            continue
+        if key != trunk:
+            stem.append(key)
+            continue
+        for element_key, element in child._modules.items():
+            if element is None or not _has_parameters(element):
+                continue
+            if _is_stage(element):
+                return frozenset(stem)
+            stem.append(f"{trunk}.{element_key}")
+        break
+    return frozenset()  # no stage: nothing to call a stem (VGG's plain stack of convs)
 
 
 # Order matters only for models that would match two rules; the Hugging Face rule looks one level
@@ -788,21 +885,40 @@ _ARCHITECTURE_RULES: tuple[Callable[[nn.Module], _Rule], ...] = (
 # --------------------------------------------------------------------------------------------------
 
 
-class _UnknownBlockError(KeyError, ValueError):
-    """An unknown block name; a KeyError whose message is not wrapped in quotes."""
+class UnknownBlockError(KeyError, ValueError):
+    """``select_blocks`` was given a block name the model does not have.
 
-    def __str__(self) -> str:
+    A ``KeyError`` (a missing key) and a ``ValueError`` (a bad argument), so either ``except`` catches
+    it. ``name`` is the name asked for, ``available`` the model's block names, in order.
+    """
+
+    def __init__(self, name: str, available: Sequence[str]) -> None:
+        self.name = name
+        self.available = list(available)
+        close = difflib.get_close_matches(name, self.available, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        super().__init__(
+            f"unknown block {name!r}; {hint}the model's blocks are {', '.join(self.available)} "
+            f"(print(trainable_report(model)) shows them with their sizes); or select with "
+            f"{', '.join(repr(k) for k in _KEYWORDS)}, an index, a slice or a list"
+        )
+
+    def __str__(self) -> str:  # KeyError would wrap the message in quotes
         return str(self.args[0])
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.name, self.available)
 
 
 _KEYWORDS = ("first", "last", "all")
 
 
-def _resolve_selection(which: Any, names: list[str]) -> set[int]:
-    """The block indices ``which`` selects (see select_blocks)."""
+def _resolve_selection(which: Any, names: list[str], stem: int) -> set[int]:
+    """The block indices ``which`` selects (see select_blocks); ``stem`` leading blocks form the
+    input stem, which "first" selects together with the block after it."""
     count = len(names)
     if isinstance(which, (str, numbers.Integral)) and not isinstance(which, bool):
-        chosen = _resolve_item(which, names)
+        chosen = _resolve_item(which, names, stem)
     elif isinstance(which, slice):
         chosen = list(range(count))[which]
     elif isinstance(which, range):
@@ -815,7 +931,7 @@ def _resolve_selection(which: Any, names: list[str]) -> set[int]:
                     "a list or tuple of blocks may hold block names (str) and int indices, got "
                     f"{item!r} ({type(item).__name__})"
                 )
-            chosen += _resolve_item(item, names)
+            chosen += _resolve_item(item, names, stem)
     else:
         raise TypeError(
             "which must be 'first', 'last', 'all', a block name (str), an int index, a slice or "
@@ -828,21 +944,18 @@ def _resolve_selection(which: Any, names: list[str]) -> set[int]:
     return set(chosen)
 
 
-def _resolve_item(item: str | numbers.Integral, names: list[str]) -> list[int]:
+def _resolve_item(item: str | numbers.Integral, names: list[str], stem: int) -> list[int]:
     if not isinstance(item, str):
         return [_resolve_index(item, len(names))]
     if item == "first":
-        return [0]
+        return list(range(stem + 1))
     if item == "last":
         return [len(names) - 1]
     if item == "all":
         return list(range(len(names)))
     if item in names:
         return [names.index(item)]
-    raise _UnknownBlockError(
-        f"unknown block {item!r}; available blocks: {', '.join(names)} "
-        f"(or one of {', '.join(repr(k) for k in _KEYWORDS)}, or an index)"
-    )
+    raise UnknownBlockError(item, names)
 
 
 def _resolve_index(index: SupportsInt, count: int) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import pickle
 
 import pytest
 import torch
@@ -10,9 +11,11 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+import surgical_optim
 from surgical_optim.blocks import (
     BlockRow,
     TrainableReport,
+    UnknownBlockError,
     block_names,
     param_groups_by_block,
     select_blocks,
@@ -409,10 +412,11 @@ def test_fallback_stem_of_layers_is_one_block():
     assert list(blocks) == ["stem", "stages.0", "stages.1", "head"]
     assert blocks["stem"] == {"stem.0.weight", "stem.1.weight", "stem.1.bias"}
     assert blocks["head"] == {"head.3.weight", "head.3.bias"}
-    groups = select_blocks(model, "first")  # the paper's first block: the whole stem
-    assert [g["name"] for g in groups] == ["stem"]
+    groups = select_blocks(model, "first")  # the paper's first block: the stem and the first stage
+    assert [g["name"] for g in groups] == ["stem", "stages.0"]
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {"stem.0.weight", "stem.1.weight", "stem.1.bias"}
+    stage = {n for n, _ in model.named_parameters() if n.startswith("stages.0.")}
+    assert trainable == {"stem.0.weight", "stem.1.weight", "stem.1.bias"} | stage
     assert_exact_partition(model)
 
 
@@ -554,6 +558,105 @@ def test_fallback_torchvision_models_without_a_rule():
 
 
 # --------------------------------------------------------------------------------------------------
+# "first": the paper's first block (the input stem with the first stage); "last": the output head
+# --------------------------------------------------------------------------------------------------
+
+
+def _timm(name, **kwargs):
+    timm = pytest.importorskip("timm")
+    return on_meta(timm.create_model, name, pretrained=False, **kwargs)
+
+
+def _hf(config_name, model_name, **config):
+    transformers = pytest.importorskip("transformers")
+    return getattr(transformers, model_name)(getattr(transformers, config_name)(**config))
+
+
+_TINY_BERT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100)
+
+FIRST_AND_LAST = {
+    # torchvision: conv1 + bn1 + layer1, as the paper's ImageNet ResNet-50
+    "resnet18": (lambda: torchvision.models.resnet18(weights=None), ["stem", "layer1"], "fc"),
+    "wide_resnet50_2": (lambda: on_meta(torchvision.models.wide_resnet50_2), ["stem", "layer1"], "fc"),
+    # the paper's CIFAR Wide-ResNet: conv1 is part of block1 already
+    "robustbench_wrn": (TinyRobustBenchWRN, ["block1"], "fc"),
+    "torchvision_vit": (
+        lambda: torchvision.models.VisionTransformer(
+            image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64
+        ),
+        ["embed", "layer0"],
+        "heads",
+    ),
+    "convnext_tiny": (lambda: on_meta(torchvision.models.convnext_tiny), ["features.0", "features.1"], "classifier"),
+    "efficientnet_b0": (lambda: on_meta(torchvision.models.efficientnet_b0), ["features.0", "features.1"], "classifier"),
+    "mobilenet_v3_small": (lambda: on_meta(torchvision.models.mobilenet_v3_small), ["features.0", "features.1"], "classifier"),
+    "swin_t": (lambda: on_meta(torchvision.models.swin_t), ["features.0", "features.1"], "head"),
+    "regnet_x_400mf": (lambda: torchvision.models.regnet_x_400mf(), ["stem", "trunk_output.block1"], "fc"),
+    "densenet121": (
+        lambda: on_meta(torchvision.models.densenet121),
+        ["features.conv0", "features.norm0", "features.denseblock1"],
+        "classifier",
+    ),
+    "vgg11": (lambda: on_meta(torchvision.models.vgg11), ["features.0"], "classifier"),  # no stages
+    "shufflenet_fallback": (lambda: on_meta(torchvision.models.shufflenet_v2_x0_5), ["conv1", "stage2.0"], "fc"),
+    # timm: its group_matcher's "stem" group and the first group after it
+    "timm_resnet18": (lambda: _timm("resnet18"), ["stem", "blocks.1"], "fc"),
+    "timm_vit": (lambda: _timm("vit_tiny_patch16_224", img_size=32, depth=2), ["stem", "blocks.0"], "head"),
+    "timm_convnext": (lambda: _timm("convnext_atto"), ["stem", "blocks.0"], "head"),
+    "timm_cait": (lambda: _timm("cait_xxs24_224", img_size=32, depth=2), ["group0"], "head"),  # function matcher
+    # Hugging Face: embeddings and the first layer; the task head last
+    "bert": (lambda: _hf("BertConfig", "BertForSequenceClassification", **_TINY_BERT), ["embeddings", "layer0"], "classifier"),
+    "bert_bare": (lambda: _hf("BertConfig", "BertModel", **_TINY_BERT), ["embeddings", "layer0"], "pooler"),
+    "llama": (
+        lambda: _hf(
+            "LlamaConfig", "LlamaForCausalLM", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=2, vocab_size=100,
+        ),
+        ["embed_tokens", "layer0"],
+        "lm_head",
+    ),
+    # the fallback: the blocks in front of the first composite element of a split container
+    "fallback_cnn": (StemStagesHead, ["stem", "stages.0"], "head"),
+    "fallback_transformer": (lambda: TinyTransformer(), ["embed", "layers.0"], "head"),
+    "fallback_mlp": (lambda: nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1)), ["0"], "2"),
+    "fallback_conv_norm_unit_then_blocks": (
+        lambda: nn.Sequential(_conv_bn_relu(3, 4), _Residual(4), _Residual(4), nn.Linear(4, 2)),
+        ["0", "1"],
+        "3",
+    ),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FIRST_AND_LAST))
+def test_first_is_the_stem_with_the_first_stage_and_last_is_the_head(family):
+    build, first, last = FIRST_AND_LAST[family]
+    model = build()
+    assert [g["name"] for g in select_blocks(model, "first")] == first
+    assert _trainable_blocks(model) == first
+    assert [g["name"] for g in select_blocks(model, "last")] == [last]
+    assert block_names(model)[: len(first)] == first  # a prefix: the input side
+
+
+def test_first_with_user_matchers():
+    resnet18 = on_meta(torchvision.models.resnet18)
+    # A callable matcher defines the blocks itself: "first" is its first block.
+    paper = lambda name: "layer1" if name.startswith(("conv1", "bn1", "layer1")) else name.split(".")[0]
+    assert [g["name"] for g in select_blocks(resnet18, "first", paper)] == ["layer1"]
+    # A dict in timm's protocol names its stem "stem", as timm's own matchers do.
+    timm_style = {"stem": r"^conv1|^bn1", "blocks": r"^layer(\d+)"}
+    assert [g["name"] for g in select_blocks(resnet18, "first", timm_style)] == ["stem", "blocks.1"]
+    other = {"input": r"^conv1|^bn1", "blocks": r"^layer(\d+)"}
+    assert [g["name"] for g in select_blocks(resnet18, "first", other)] == ["input"]
+
+
+def test_first_through_wrappers():
+    wrapped = _Holder(on_meta(torchvision.models.resnet18))
+    assert [g["name"] for g in select_blocks(wrapped, "first")] == ["stem", "layer1"]
+    fallback = _Holder(StemStagesHead())
+    assert [g["name"] for g in select_blocks(fallback, "first")] == ["net.stem", "net.stages.0"]
+
+
+# --------------------------------------------------------------------------------------------------
 # Property: every parameter is in exactly one block, whatever the tree
 # --------------------------------------------------------------------------------------------------
 
@@ -664,6 +767,11 @@ def test_property_every_parameter_in_exactly_one_block(data, matcher_index, root
     select_blocks(model, "last", matcher)
     last = param_groups_by_block(model, matcher, trainable_only=False)[-1]["params"]
     assert {id(p) for p in params if p.requires_grad} == {id(p) for p in last}
+
+    # "first" is a prefix of the blocks: the first block, and the next one only after a stem
+    names = block_names(model, matcher)
+    first = [g["name"] for g in select_blocks(model, "first", matcher)]
+    assert first and first == names[: len(first)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -784,7 +892,7 @@ def _trainable_blocks(model):
 @pytest.mark.parametrize(
     ("which", "expected"),
     [
-        ("first", ["stem"]),
+        ("first", ["stem", "body.0"]),  # the stem layer and the first composite block
         ("last", ["head"]),
         ("all", TINY_BLOCKS),
         ("body.2", ["body.2"]),
@@ -795,7 +903,7 @@ def _trainable_blocks(model):
         (range(0, 2), ["stem", "body.0"]),
         (["head", 0], ["stem", "head"]),  # returned in model order, not request order
         (("body.0", "body.0", -3), ["body.0"]),  # duplicates collapse
-        (["last", "first"], ["stem", "head"]),
+        (["last", "first"], ["stem", "body.0", "head"]),
     ],
 )
 def test_select_blocks_selectors(which, expected):
@@ -811,7 +919,7 @@ def test_select_blocks_selectors(which, expected):
 def test_select_blocks_repeated_calls_and_optimizer_step():
     model = Tiny()
     select_blocks(model, "first")
-    assert _trainable_blocks(model) == ["stem"]
+    assert _trainable_blocks(model) == ["stem", "body.0"]
     groups = select_blocks(model, "last")  # blocks are computed over frozen parameters too
     assert _trainable_blocks(model) == ["head"]
     assert not model.stem.weight.requires_grad
@@ -827,11 +935,18 @@ def test_select_blocks_repeated_calls_and_optimizer_step():
 
 def test_select_blocks_unknown_name_lists_blocks():
     model = Tiny()
-    with pytest.raises(KeyError) as info:
-        select_blocks(model, "layer9")
-    assert isinstance(info.value, ValueError)
+    with pytest.raises(UnknownBlockError) as info:
+        select_blocks(model, "hed")
+    assert isinstance(info.value, KeyError) and isinstance(info.value, ValueError)
+    assert info.value.name == "hed" and info.value.available == TINY_BLOCKS
     message = str(info.value)
-    assert "'layer9'" in message and all(name in message for name in TINY_BLOCKS)
+    assert message.startswith("unknown block 'hed'; did you mean 'head'?")
+    assert all(name in message for name in TINY_BLOCKS) and "trainable_report" in message
+    with pytest.raises(UnknownBlockError, match="unknown block 'zzz'; the model's blocks are"):
+        select_blocks(model, ["stem", "zzz"])  # no close match: no guess
+    assert all(p.requires_grad for p in model.parameters())  # nothing changed on error
+    assert surgical_optim.UnknownBlockError is UnknownBlockError
+    assert pickle.loads(pickle.dumps(info.value)).available == TINY_BLOCKS
 
 
 @pytest.mark.parametrize("which", [4, -5, [0, 7], range(2, 6)])
