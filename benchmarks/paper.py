@@ -54,6 +54,7 @@ from .datasets import (
 )
 from .datasets.cifar10c import ALL_CORRUPTIONS
 from .paper_models import CheckpointMismatch, build_model, load_checkpoint, paper_block_matcher
+from .protocol import PAPER_LRS, method_names
 from .paper_results import ResultStore, format_table, plot_relative, read_results, summarise
 
 __all__ = ["main", "build_parser", "enumerate_runs", "Run", "FAMILIES", "DEFAULT_METHODS", "UsageError"]
@@ -64,7 +65,6 @@ FAMILIES = ("cifar10c", "imagenet_c", "living17", "entity30", "cifar_flip", "wat
 #: methods run by default; "block:*" expands to one run per block of the model (the paper's split)
 DEFAULT_METHODS = ("none", "all", "block:*", "auto_rgn", "auto_snr", "gradual_first_last", "gradual_last_first",
                    "l1_sp")
-DEFAULT_LRS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5)
 
 # Per-family defaults (every one overridable on the command line).
 FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -95,24 +95,6 @@ class Run:
     def run_id(self) -> str:
         payload = json.dumps([self.dataset, self.method, self.lr, self.seed, self.config_id])
         return hashlib.sha256(payload.encode()).hexdigest()[:20]
-
-
-def _expand_methods(methods: list[str], blocks: list[str]) -> list[str]:
-    out: list[str] = []
-    aliases = {"full": "all", "l1sp": "l1_sp", "gu_first_last": "gradual_first_last",
-               "gu_last_first": "gradual_last_first"}
-    for m in methods:
-        m = aliases.get(m, m)
-        if m == "block:*":
-            out.extend(f"block:{b}" for b in blocks)
-        elif m in ("first", "last"):
-            out.append(f"block:{blocks[0] if m == 'first' else blocks[-1]}")
-        elif m == "linear_probe":
-            out.append(f"block:{blocks[-1]}")
-        else:
-            out.append(m)
-    seen: set[str] = set()
-    return [m for m in out if not (m in seen or seen.add(m))]
 
 
 def enumerate_runs(
@@ -390,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma list: none, all (full fine-tuning), block:<name>, block:* (every block of the paper's "
                         "split), first, last, linear_probe (= last), auto_rgn, auto_snr, gradual_first_last, "
                         "gradual_last_first, l1_sp")
-    p.add_argument("--lrs", default=",".join(str(x) for x in DEFAULT_LRS), help="learning-rate grid")
+    p.add_argument("--lrs", default=",".join(str(x) for x in PAPER_LRS), help="learning-rate grid")
     p.add_argument("--seeds", default="0,1,2", help="fine-tuning seeds")
     p.add_argument("--epochs", type=int, help="fine-tuning epochs (default per dataset)")
     p.add_argument("--batch-size", type=int, default=64)
@@ -519,19 +501,12 @@ def _parse_loader_args(items: list[str], family: str) -> dict[str, Any]:
     return kw
 
 
-#: harness method names besides the blocks (see _expand_methods for the aliases)
-METHODS = ("none", "all", "auto_rgn", "auto_snr", "gradual_first_last", "gradual_last_first", "l1_sp")
-
-
 def _check_methods(methods: list[str], blocks: list[str]) -> list[str]:
-    """``methods`` (expanded) when every one is known and every block exists in the model's split."""
-    for m in methods:
-        if m.startswith("block:") and m[len("block:"):] not in blocks:
-            raise UsageError(f"--methods {m}: no such block; the blocks of --arch are {', '.join(blocks)}")
-        if not m.startswith("block:") and m not in METHODS:
-            raise UsageError(f"--methods {m}: unknown method; known: {', '.join(METHODS)}, block:<name>, block:*, "
-                             "first, last, linear_probe")
-    return methods
+    """The runs ``--methods`` asks for (canonical names, ``block:*`` expanded over the paper's ``blocks``)."""
+    try:
+        return method_names(methods, blocks)
+    except KeyError as e:
+        raise UsageError(f"--methods {e.args[0]}") from None
 
 
 def _skeleton_blocks(args, num_classes: int) -> list[str]:
@@ -639,7 +614,7 @@ def _sweep(args, out: Path, rank: int, world: int) -> int:
     datasets = {v: load_variant(args, v) for v in variants}
     first = datasets[variants[0]]
     blocks = _skeleton_blocks(args, first.num_classes)
-    methods = _check_methods(_expand_methods(args.methods, blocks), blocks)
+    methods = _check_methods(args.methods, blocks)
     store = ResultStore(out / "results", args.shard)
     done = store.finished_ids()
     if world > 1:  # every rank must run the same list: rank 0's view of the finished runs

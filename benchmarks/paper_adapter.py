@@ -2,14 +2,10 @@
 
 What this adds on top of the protocol, without a second training loop:
 
-* the paper's block split. ``protocol.make_method`` resolves block names with the library's default split
-  (``surgical_optim.block_names(model)``), which for a torchvision ResNet has a separate ``stem``; the paper
-  tunes conv1 together with the first stage (CIFAR: conv1+block1 | block2 | block3 | fc; ImageNet:
-  conv1+layer1 | layer2 | layer3 | layer4 | fc). :class:`PaperBlock` and :class:`PaperGradual` subclass the
-  protocol's ``BlockFineTuning`` / ``GradualUnfreezing`` and pass the paper's matcher (from
-  ``paper_models.paper_block_matcher``) to ``select_blocks`` / ``param_groups_by_block``. ``PaperBlock``
-  also reports the index of its first trainable block *in the library's split*, which is what the protocol
-  uses to precompute the frozen prefix.
+* the paper's block split. The paper tunes conv1 together with the first stage (CIFAR: conv1+block1 | block2
+  | block3 | fc; ImageNet: conv1+layer1 | layer2 | layer3 | layer4 | fc): ``paper_models.paper_block_matcher``
+  is handed to the protocol as its split (``ProtocolConfig(blocks=...)``), so every method and the frozen-prefix
+  precompute work on the paper's blocks.
 * data. Small target sets are materialised as tensors (``(x, y)`` or ``(x, y, group)``), which enables the
   protocol's frozen-prefix precomputation; larger ones are passed as DataLoaders with worker processes
   (training loader shuffled with a generator seeded by the run seed).
@@ -27,76 +23,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from surgical_optim import param_groups_by_block, select_blocks
-
 from . import protocol
 from .datasets import BenchmarkData, WithGroups
 from .paper_models import paper_block_matcher
 
-__all__ = ["PaperBlock", "PaperGradual", "protocol_method", "prepare_data", "run_protocol", "PROTOCOL_NAMES"]
-
-#: harness method name -> protocol method name (for the methods the protocol provides as they are)
-PROTOCOL_NAMES = {
-    "none": "none",
-    "all": "all",
-    "auto_rgn": "auto_rgn",
-    "auto_snr": "auto_snr",
-    "l1_sp": "l1_sp",
-}
-
-
-def _library_index_of(model: nn.Module, matcher, which: str) -> int:
-    """Index, in the library's default block split, of the first block holding a parameter of the paper
-    block ``which``."""
-    paper = {id(p) for g in param_groups_by_block(model, matcher, trainable_only=False) if g["name"] == which
-             for p in g["params"]}
-    for i, g in enumerate(param_groups_by_block(model, trainable_only=False)):
-        if any(id(p) in paper for p in g["params"]):
-            return i
-    return 0
-
-
-class PaperBlock(protocol.BlockFineTuning):
-    """Tune one block of the paper's split."""
-
-    def __init__(self, which: str, matcher, library_index: int) -> None:
-        super().__init__(which)
-        self.matcher = matcher
-        self.library_index = library_index
-        self.name = f"block:{which}"
-
-    def first_trainable_block(self, names: list[str]) -> int:
-        return self.library_index
-
-    def setup(self, model, lr, config, make_optimizer):
-        return make_optimizer(select_blocks(model, self.which, self.matcher))
-
-
-class PaperGradual(protocol.GradualUnfreezing):
-    """Gradual unfreezing over the paper's blocks."""
-
-    def __init__(self, direction: str, matcher) -> None:
-        super().__init__(direction)
-        self.matcher = matcher
-
-    def setup(self, model, lr, config, make_optimizer):
-        for p in model.parameters():
-            p.requires_grad_(True)
-        self._groups = param_groups_by_block(model, self.matcher)
-        return make_optimizer(self._groups)
-
-
-def protocol_method(method: str, model: nn.Module, arch: str):
-    """The protocol method (a name or a Method instance) for a harness method name."""
-    matcher = paper_block_matcher(arch)
-    if method in PROTOCOL_NAMES:
-        return PROTOCOL_NAMES[method]
-    if method.startswith("block:"):
-        which = method[len("block:"):]
-        return PaperBlock(which, matcher, _library_index_of(model, matcher, which))
-    if method in ("gradual_first_last", "gradual_last_first"):
-        return PaperGradual(method[len("gradual_"):], matcher)
-    raise KeyError(f"unknown method {method!r}")
+__all__ = ["prepare_data", "run_protocol"]
 
 
 def _materialise(ds: Dataset, workers: int, batch_size: int = 256) -> tuple[torch.Tensor, ...]:
@@ -137,7 +68,6 @@ def run_protocol(run, model: nn.Module, data: BenchmarkData, args, device: torch
                  prepared: tuple[Any, Any, Any] | None = None, prefix_cache: protocol.PrefixCache | None = None,
                  progress=None) -> dict[str, Any]:
     """One run (one method, one lr, one seed) through ``protocol.finetune``; accuracies in percent."""
-    method = protocol_method(run.method, model, args.arch)
     options = {
         "auto_snr": {"threshold": args.snr_threshold},
         "l1_sp": {"strength": args.l1sp_weight},
@@ -150,13 +80,14 @@ def run_protocol(run, model: nn.Module, data: BenchmarkData, args, device: torch
         eval_batch_size=args.eval_batch_size,
         device=device,
         method_options=options,
+        blocks=paper_block_matcher(args.arch),
     )
     if prepared is None:
         prepared = prepare_data(data, seed=run.seed, batch_size=args.batch_size,
                                 eval_batch_size=args.eval_batch_size, workers=args.workers,
                                 max_tensor_bytes=args.max_tensor_bytes)
     train, val, test = prepared
-    res = protocol.finetune(model, method, train, val, test, config=cfg, seed=run.seed,
+    res = protocol.finetune(model, run.method, train, val, test, config=cfg, seed=run.seed,
                             prefix_cache=prefix_cache, data_key=run.dataset if prefix_cache is not None else "",
                             progress=progress)
     curve = next(iter(res.val_curves.values()), []) if res.val_curves else []

@@ -17,6 +17,7 @@ pytest.importorskip("tqdm")
 from benchmarks import paper  # noqa: E402
 from benchmarks.paper_models import build_model, paper_block_matcher  # noqa: E402
 from benchmarks.paper_results import ResultStore, read_results, select, summarise  # noqa: E402
+from benchmarks.protocol import method_names  # noqa: E402
 try:  # the native-layout fixture writers live in test_datasets.py
     from test_datasets import (  # noqa: E402
         _jpeg,
@@ -73,9 +74,9 @@ def test_end_to_end_cifar10c_table_and_plot(tmp_path):
         assert r["block_order"] == ["layer1", "layer2", "fc"]
         assert 0.0 <= r["best"]["test_acc"] <= 100.0
         assert len(r["val_curve"]) == (0 if r["method"] == "none" else 1)
-    # the protocol precomputed the frozen prefix for the block runs (paper block -> library block index)
+    # the protocol precomputed the frozen prefix for the block runs, in blocks of the paper's split
     prefix = {r["method"]: r["extra"]["precomputed_prefix"] for r in records}
-    assert prefix["block:layer1"] == 0 and prefix["block:layer2"] == 2 and prefix["block:fc"] == 3
+    assert prefix["block:layer1"] == 0 and prefix["block:layer2"] == 1 and prefix["block:fc"] == 2
     table = (out / "table.md").read_text()
     for label in ("No adaptation", "Full fine-tuning", "Block layer1", "Block layer2", "Block fc", "Auto-RGN"):
         assert label in table
@@ -216,7 +217,7 @@ def test_method_expansion_and_blocks():
     model = build_model("resnet26", 10)
     blocks = paper._paper_blocks(model, "resnet26")
     assert blocks == ["block1", "block2", "block3", "fc"]
-    ms = paper._expand_methods(["none", "full", "first", "block:*", "linear_probe", "l1sp"], blocks)
+    ms = method_names(["none", "full", "first", "block:*", "linear_probe", "l1sp"], blocks)
     assert ms == ["none", "all", "block:block1", "block:block2", "block:block3", "block:fc", "l1_sp"]
     assert paper_block_matcher("resnet50")("conv1.weight") == "layer1"
     runs = paper.enumerate_runs(["d"], "d", ["none", "all"], [0.1, 0.01], [0, 1, 2], "cfg")

@@ -19,6 +19,7 @@ from benchmarks.protocol import (
     evaluate,
     finetune,
     make_method,
+    method_names,
     register_method,
     split_stages,
 )
@@ -414,3 +415,38 @@ def test_custom_optimizer_factory_and_divergence():
     assert calls == [1e6, 1e-2]
     assert r.lr == 1e-2  # the diverging lr is never selected
     json.dumps(r.to_dict())
+
+
+def _stem_with_layer1(name: str) -> str:
+    """A split like the paper's: the stem tunes together with layer1."""
+    top = name.split(".", 1)[0]
+    return "layer1" if top in ("conv1", "bn1") else top
+
+
+def test_the_block_split_is_an_input():
+    """With a matcher, methods and stages follow that split: 'layer1' trains the stem too, the stages are
+    one per block of the split, and the frozen prefix counts blocks of the split."""
+    m = _model()
+    stages = split_stages(m, _stem_with_layer1)
+    assert [n for n, _ in stages] == ["layer1", "layer2", "layer3", "layer4", "fc"]
+    cfg = ProtocolConfig(lrs=(1e-2,), epochs=2, batch_size=16, blocks=_stem_with_layer1)
+    data = (_data(48, 1), _data(24, 2), _data(30, 3))
+    r = finetune(m, "layer1", *data, config=cfg, return_state=True)
+    before = m.state_dict()
+    changed = {k for k, v in r.state.items() if not torch.equal(v, before[k])}
+    assert "conv1.weight" in changed and "layer1.0.weight" in changed
+    assert all(k.split(".")[0] in ("conv1", "bn1", "layer1") for k in changed), changed
+    assert r.precomputed_prefix == 0
+    fc = finetune(m, "block:fc", *data, config=cfg)
+    assert fc.precomputed_prefix == 4  # the five blocks of this split, all but fc
+    with pytest.raises(KeyError):
+        make_method("block:stem", m, cfg)  # no such block in this split
+
+
+def test_method_names_one_parser():
+    blocks = ["stem", "layer1", "fc"]
+    assert method_names(["full", "block:*", "last", "linear_probe", "gu_last_first"], blocks) == [
+        "all", "block:stem", "block:layer1", "block:fc", "gradual_last_first"]
+    for bad in ("bogus", "block:nope"):
+        with pytest.raises(KeyError):
+            method_names([bad], blocks)
