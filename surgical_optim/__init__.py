@@ -5,10 +5,14 @@ Public API:
 * ``param_groups_by_block(model)`` - the model's parameters as ordered, named param groups (blocks).
 * ``select_blocks(model, which)`` - freeze all but the chosen blocks and return their groups;
   ``"first"`` is the paper's first block (input stem + first stage), ``"last"`` the output head.
-* ``block_names(model)``, ``trainable_report(model)`` - inspection helpers.
+* ``block_names(model)``, ``trainable_report(model)`` - the blocks, and their sizes as a table.
+* ``keep_norm_eval(model)`` - BatchNorm in eval mode (pre-trained statistics), even after ``model.train()``.
 * ``AutoRGN(optimizer)`` - per-tensor learning rate scaled by the normalised relative gradient norm.
 * ``AutoSNR(optimizer, threshold)`` - freeze tensors whose normalised gradient SNR is below a threshold.
 * ``per_example_gradient_snr(...)`` - per-tensor gradient SNR over the examples of one batch.
+
+Types: ``BlockMatcher``, ``BlockSelector`` (arguments); ``TrainableReport``/``BlockRow``,
+``NormEvalHandle`` (results); ``UnknownBlockError`` (an unknown block name).
 """
 
 from ._wrapper import OptimizerWrapper
@@ -25,6 +29,7 @@ from .blocks import (
     select_blocks,
     trainable_report,
 )
+from .norm import NormEvalHandle, keep_norm_eval
 from .snr import per_example_gradient_snr
 
 __version__ = "0.2.0"
@@ -35,10 +40,12 @@ __all__ = [
     "BlockMatcher",
     "BlockRow",
     "BlockSelector",
+    "NormEvalHandle",
     "OptimizerWrapper",
     "TrainableReport",
     "UnknownBlockError",
     "block_names",
+    "keep_norm_eval",
     "param_groups_by_block",
     "per_example_gradient_snr",
     "select_blocks",
