@@ -39,6 +39,9 @@ compute saving; call it between phases only (it breaks DDP's bucket layout and r
 from __future__ import annotations
 
 import math
+import os
+import sys
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -112,6 +115,7 @@ class AutoSNR(OptimizerWrapper):
         self.estimator = estimator
         self.refresh_every = refresh_every
         self.eps = float(eps)
+        self._warned_nearly_all_frozen = False
         self._on_layout_change()
 
     # ------------------------------------------------------------------ layout and state
@@ -285,6 +289,7 @@ class AutoSNR(OptimizerWrapper):
         self._mask.copy_(keep.to(self._dtype))
         self._host_mask = [bool(v) for v in keep.cpu()]  # sync-ok: calibrate() runs before training
         self._pending_mask = None
+        self._warn_if_nearly_all_frozen(self._host_mask)
         self._calibrated_externally = True
         self._reset_accumulators()
         return self.mask()
@@ -315,6 +320,37 @@ class AutoSNR(OptimizerWrapper):
         if self._pending_mask is not None:
             self._host_mask = self._pending_mask.result()
             self._pending_mask = None
+            self._warn_if_nearly_all_frozen(self._host_mask)
+
+    def _warn_if_nearly_all_frozen(self, keep: list[bool]) -> None:
+        """Warn, once per wrapper, when at most one tensor trains (see ``_nearly_all_frozen``).
+
+        Runs where the mask reaches the host anyway (once per estimate), on host booleans and
+        parameter sizes: no synchronisation of its own.
+        """
+        if getattr(self, "_warned_nearly_all_frozen", False) or not _nearly_all_frozen(keep):
+            return
+        self._warned_nearly_all_frozen = True
+        sizes = [p.numel() for p in self._params_cache]
+        frozen = sum(n for n, k in zip(sizes, keep) if not k) / max(sum(sizes), 1)
+        if self.estimator == "official_eb":
+            setting = f"threshold={self.threshold:g}, estimator='official_eb'"
+            cause, statistic = "the official statistic is compared raw with the threshold.", "statistic"
+        else:
+            setting = f"threshold={self.threshold:g}"
+            cause = (
+                "only the tensor with the largest SNR trains: every SNR is divided by the largest, "
+                "and one tensor far above the rest pushes all others under the threshold."
+            )
+            statistic = "normalised SNR"
+        warnings.warn(
+            f"AutoSNR({setting}) froze {100 * frozen:.2f}% of the parameters ({len(keep) - sum(keep)} "
+            f"of {len(keep)} tensors): {cause} print(optimizer.block_summary()) shows each block's "
+            f"{statistic} and optimizer.frozen_fraction() the frozen share; choose a lower threshold, "
+            f"below the {statistic} of the blocks that should train (0 trains everything).",
+            UserWarning,
+            stacklevel=_stacklevel_of_caller(),
+        )
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
@@ -372,6 +408,30 @@ class AutoSNR(OptimizerWrapper):
         self._squares = [None if s is None else s.to(p.device) for s, p in zip(state["squares"], params)]
         self._counts = list(state["counts"])
         self._eb_sum.copy_(state["eb_sum"].to(self._eb_sum))
+
+
+def _stacklevel_of_caller() -> int:
+    """The ``warnings.warn`` stacklevel, for a warning raised by its caller, of the first frame
+    outside this package and torch (the user's ``optimizer.step()``, through torch's wrappers)."""
+    frame, level = sys._getframe(2), 2
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+_INTERNAL_DIRS = (os.path.dirname(__file__) + os.sep, os.path.dirname(torch.__file__) + os.sep)
+
+
+def _nearly_all_frozen(keep: list[bool]) -> bool:
+    """Whether a mask has frozen everything it could: at most one of two or more tensors trains.
+
+    The SNR is normalised by the largest, so the tensor with the largest SNR always passes a
+    threshold <= 1; a mask keeping that one alone means the threshold pushed every other tensor
+    under it (the typical cause: one tensor, such as a LayerNorm weight, with an SNR far above
+    the rest). A share of elements could not tell this from a surgical choice: the last layer of
+    the paper's WRN-28-10, weight and bias, is 0.018% of its parameters.
+    """
+    return len(keep) >= 2 and sum(keep) <= 1
 
 
 def _dense_zeros(like: torch.Tensor, *, dtype: torch.dtype) -> torch.Tensor:

@@ -502,3 +502,59 @@ def test_layout_reset_after_calibrate_samples_again():
     assert run_steps(opt, params, kinds, generator, 3) == [[True] * 3] * 3
     assert opt.mask().tolist() == [1.0, 0.0, 0.0]
     assert run_steps(opt, params, kinds, generator, 1) == [[True, False, False]]
+
+
+# ---------------------------------------------------------------------- a threshold that freezes nearly everything
+def nearly_all_frozen_warnings(record):
+    return [w for w in record if issubclass(w.category, UserWarning) and "AutoSNR" in str(w.message)]
+
+
+def test_warns_once_when_one_tensor_sets_the_maximum_and_the_rest_is_frozen():
+    # one tensor with a steady gradient (a LayerNorm weight, say) and 20 noisy ones: normalised by
+    # the steady tensor's SNR, every other falls below 0.5
+    generator = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.zeros(4, dtype=torch.float64))]
+    params += [torch.nn.Parameter(torch.zeros(50, dtype=torch.float64)) for _ in range(20)]
+    kinds = ["signal"] + ["noise"] * 20
+    opt = AutoSNR(torch.optim.SGD(params, lr=0.1), threshold=0.5, samples=3, refresh_every=4)
+    with pytest.warns(UserWarning) as record:
+        moved = run_steps(opt, params, kinds, generator, 12)  # estimates after steps 3, 7 and 11
+    assert moved[3] == [True] + [False] * 20  # the mask was applied
+    (warning,) = nearly_all_frozen_warnings(record)  # once, not once per estimate
+    message = str(warning.message)
+    assert "AutoSNR(threshold=0.5) froze 99.60% of the parameters (20 of 21 tensors)" in message
+    assert "frozen_fraction()" in message and "block_summary()" in message and "lower threshold" in message
+    assert opt.frozen_fraction() == pytest.approx(1000 / 1004)
+
+
+def test_no_warning_for_two_tensors_however_few_elements_they_hold(recwarn):
+    # two tensors holding 0.1% of the elements: as small a share as a last layer (the paper's
+    # WRN-28-10's is 0.018%), a surgical choice rather than a misfire
+    generator = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.zeros(20, dtype=torch.float64)) for _ in range(2)]
+    params += [torch.nn.Parameter(torch.zeros(20_000, dtype=torch.float64)) for _ in range(2)]
+    opt = AutoSNR(torch.optim.SGD(params, lr=0.1), threshold=0.5, samples=5)
+    moved = run_steps(opt, params, ["signal", "signal", "noise", "noise"], generator, 6)
+    assert moved[5] == [True, True, False, False]
+    assert opt.frozen_fraction() == pytest.approx(40_000 / 40_040)
+    assert not nearly_all_frozen_warnings(recwarn.list)
+
+
+def test_warns_after_calibrate_too():
+    model = SignalNoise()
+    opt = AutoSNR(torch.optim.SGD(model.parameters(), lr=0.1), threshold=0.5)
+    x = torch.randn(16, 30, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning) as record:
+        opt.calibrate(model, lambda out, target: out.sum(), x, torch.zeros(16))
+    assert opt.mask().tolist() == [1.0, 0.0]
+    assert len(nearly_all_frozen_warnings(record)) == 1
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.3])
+def test_no_warning_while_a_fair_share_trains(threshold, recwarn):
+    generator = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.zeros(n, dtype=torch.float64)) for n in (200, 200, 30, 5)]
+    opt = AutoSNR(torch.optim.SGD(params, lr=0.1), threshold=threshold, samples=5)
+    moved = run_steps(opt, params, ["signal", "signal", "noise", "noise"], generator, 7)
+    assert moved[6][:2] == [True, True]  # both steady tensors train: 400 of 435 elements
+    assert not nearly_all_frozen_warnings(recwarn.list)
