@@ -19,7 +19,6 @@ eval mode, per-epoch target validation/test evaluation); methods are built from 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import inspect
 import json
 import os
@@ -27,7 +26,6 @@ import platform
 import random
 import socket
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -54,8 +52,9 @@ from .datasets import (
 )
 from .datasets.cifar10c import ALL_CORRUPTIONS
 from .paper_models import CheckpointMismatch, build_model, load_checkpoint, paper_block_matcher
-from .protocol import PAPER_LRS, method_names
-from .paper_results import ResultStore, format_table, plot_relative, read_results, summarise
+from .protocol import PAPER_LRS, evaluate, method_names
+from .paper_results import format_table, plot_relative, summarise
+from .runs import ResultStore, atomic_torch_save, config_hash, read_results, train_supervised
 
 __all__ = ["main", "build_parser", "enumerate_runs", "Run", "FAMILIES", "DEFAULT_METHODS", "UsageError"]
 
@@ -93,8 +92,7 @@ class Run:
 
     @property
     def run_id(self) -> str:
-        payload = json.dumps([self.dataset, self.method, self.lr, self.seed, self.config_id])
-        return hashlib.sha256(payload.encode()).hexdigest()[:20]
+        return config_hash([self.dataset, self.method, self.lr, self.seed, self.config_id], 20)
 
 
 def enumerate_runs(
@@ -167,22 +165,6 @@ def make_loader(ds, batch_size: int, shuffle: bool, workers: int, seed: int = 0)
 
 
 # ---------------------------------------------------------------------------------------------- source model
-def _hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _augment(x: torch.Tensor) -> torch.Tensor:
     """Batch-wise source-training augmentation on tensors: random horizontal flip, and for small (CIFAR-size)
     inputs a random crop with 4 pixels of zero padding."""
@@ -194,17 +176,6 @@ def _augment(x: torch.Tensor) -> torch.Tensor:
         dx, dy = torch.randint(0, 9, (2,)).tolist()  # one offset per batch keeps it vectorised
         x = padded[:, :, dy:dy + h, dx:dx + w]
     return x
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> float:
-    model.eval()
-    correct = total = 0
-    for batch in loader:
-        x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
-        correct += (model(x).argmax(1) == y).sum().item()
-        total += y.numel()
-    return 100.0 * correct / max(total, 1)
 
 
 def source_config(args, data: BenchmarkData) -> dict[str, Any]:
@@ -226,30 +197,30 @@ def source_config(args, data: BenchmarkData) -> dict[str, Any]:
 
 
 def train_source(model: nn.Module, data: BenchmarkData, args, device: torch.device, desc: str) -> float:
-    """Plain supervised source training (SGD, momentum 0.9, cosine schedule, batch-wise flip/crop)."""
+    """Plain supervised source training (SGD, momentum 0.9, cosine schedule, batch-wise flip/crop); the
+    source-validation accuracy (a fraction; nan without source-validation data)."""
     from tqdm.auto import tqdm
 
     torch.manual_seed(args.source_seed)
     loader = make_loader(data.source_train, args.source_batch_size, True, args.workers, args.source_seed)
     opt = torch.optim.SGD(model.parameters(), lr=args.source_lr, momentum=0.9, weight_decay=args.source_wd,
                           nesterov=True)
-    steps = max(1, args.source_epochs * len(loader))
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    loss_fn = nn.CrossEntropyLoss()
-    bar = tqdm(range(args.source_epochs), desc=desc, disable=args.quiet)
-    for _ in bar:
-        model.train()
-        for x, y in loader:
-            x, y = _augment(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
-            loss = loss_fn(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, args.source_epochs * len(loader)))
+    bar = tqdm(total=args.source_epochs, desc=desc, disable=args.quiet)
+
+    def prepare(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _augment(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
+
+    def epoch_done(loss: torch.Tensor) -> None:
+        bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}")
-    if data.source_val is not None and len(data.source_val):
-        return evaluate(model, make_loader(data.source_val, args.eval_batch_size, False, args.workers), device)
-    return float("nan")
+
+    train_supervised(model, lambda: loader, opt, sched, args.source_epochs, prepare=prepare, on_epoch=epoch_done)
+    bar.close()
+    if data.source_val is None or not len(data.source_val):
+        return float("nan")
+    val = make_loader(data.source_val, args.eval_batch_size, False, args.workers)
+    return evaluate(model, val, batch_size=args.eval_batch_size, device=device).acc
 
 
 def seed_everything(seed: int) -> None:
@@ -291,8 +262,8 @@ def get_source_model(args, data: BenchmarkData, device: torch.device) -> tuple[n
     if args.source_checkpoint:
         _load_source_checkpoint(model, args)
         st = os.stat(args.source_checkpoint)
-        return model.to(device), _hash({"checkpoint": os.path.abspath(args.source_checkpoint), "size": st.st_size,
-                                        "arch": args.arch})
+        return model.to(device), config_hash({"checkpoint": os.path.abspath(args.source_checkpoint), "size": st.st_size,
+                                        "arch": args.arch}, 12)
     if args.dataset == "imagenet_c":
         if data.num_classes != 1000:
             raise UsageError(f"imagenet_c: found {data.num_classes} class folders; the torchvision ResNet-50 "
@@ -301,14 +272,14 @@ def get_source_model(args, data: BenchmarkData, device: torch.device) -> tuple[n
         if args.arch != "resnet50":
             raise UsageError("imagenet_c: the source model is torchvision's ResNet-50 (--arch resnet50) or "
                              "--source-checkpoint")
-        return model.to(device), _hash({"torchvision": "resnet50/IMAGENET1K_V1"})
+        return model.to(device), config_hash({"torchvision": "resnet50/IMAGENET1K_V1"}, 12)
     if data.source_train is None:
         raise UsageError(
             f"{args.dataset}: no source data to pre-train on; pass --source-checkpoint PATH "
             "(e.g. RobustBench's Standard WRN-28-10 with --arch wrn28_10) or --cifar10-root DIR"
         )
     cfg = source_config(args, data)
-    h = _hash(cfg)
+    h = config_hash(cfg, 12)
     path = Path(args.source_cache or (Path(args.out) / "source_models")) / f"{args.dataset}-{args.arch}-{h}.pt"
     lock = path.with_suffix(".lock")
     while True:
@@ -328,13 +299,13 @@ def get_source_model(args, data: BenchmarkData, device: torch.device) -> tuple[n
     try:
         model.to(device)
         val = train_source(model, data, args, device, desc=f"source {args.dataset}/{args.arch}")
-        _atomic_torch_save(model.state_dict(), path)
+        atomic_torch_save(model.state_dict(), path)
     finally:
         lock.unlink(missing_ok=True)
     meta = {"config": cfg, "source_val_acc": val, "finished_at": datetime.now(timezone.utc).isoformat()}
     path.with_suffix(".json").write_text(json.dumps(meta, indent=1, default=str))
     if not args.quiet:
-        print(f"source model saved to {path} (source val acc {val:.2f})", file=sys.stderr)
+        print(f"source model saved to {path} (source val acc {100 * val:.2f}%)", file=sys.stderr)
     return model, h
 
 
@@ -625,7 +596,7 @@ def _sweep(args, out: Path, rank: int, world: int) -> int:
     if args.pretrain_only:
         return 0
     cfg = protocol_config(args, source_hash)
-    config_id = _hash(cfg)
+    config_id = config_hash(cfg, 12)
     runs = shard_runs(enumerate_runs(variants, args.dataset, methods, args.lrs, args.seeds, config_id), args.shard)
     todo = [r for r in runs if r.run_id not in done]
     if not args.quiet:

@@ -1,11 +1,6 @@
-"""Results of the paper harness: atomic JSON-lines storage, (lr, epoch) selection, the table and the plot.
+"""Results of the paper harness: the rows it stores, their (lr, epoch) selection, the table and the plot.
 
-Storage. Each process (one per shard) owns one file ``<out>/results/runs-shard<I>of<N>.jsonl``. A finished
-run is appended by writing the whole file's new content to a temporary file in the same folder, ``fsync``,
-and ``os.replace`` onto the old name, so a reader (or a crash) sees the file before or after the append,
-never a partial line. Shards never write the same file, so concurrent shards on a shared file system lose
-nothing. A re-run reads every ``*.jsonl`` under ``<out>/results`` and skips the run ids it finds.
-
+Rows are stored by ``benchmarks.runs.ResultStore`` (one JSON-lines file per shard, appended atomically).
 One line = one run (dataset, method, lr, seed) with its per-epoch history::
 
     {"run_id": "...", "config_id": "...", "dataset": "cifar10c/fog/5", "family": "cifar10c",
@@ -22,19 +17,14 @@ mean ± standard error (sample std / sqrt(n)) over seeds.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from .runs import Cell, select
+
 __all__ = [
-    "ResultStore",
-    "read_results",
-    "select",
     "summarise",
     "format_table",
     "average_ranks",
@@ -73,109 +63,6 @@ def method_label(method: str) -> str:
         "gradual_last_first": "Gradual unfreeze last->first",
         "l1_sp": "L1-SP",
     }.get(method, method.replace("block:", "Block ") if method.startswith("block:") else method)
-
-
-# ---------------------------------------------------------------------------------------------- storage
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; results are meant to be shared
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def read_results(results_dir: str | Path) -> list[dict[str, Any]]:
-    """Every run recorded under ``results_dir`` (all ``*.jsonl`` files; duplicates by run id dropped)."""
-    out: dict[str, dict[str, Any]] = {}
-    d = Path(results_dir)
-    if not d.is_dir():
-        return []
-    for f in sorted(d.glob("*.jsonl")):
-        for line in f.read_text().splitlines():
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # cannot happen with atomic writes; tolerate hand-edited files
-            if isinstance(rec, dict) and "run_id" in rec:
-                out.setdefault(rec["run_id"], rec)
-    return list(out.values())
-
-
-class ResultStore:
-    """One writer's JSON-lines file, appended atomically (temp file + rename of the whole file)."""
-
-    def __init__(self, results_dir: str | Path, shard: tuple[int, int] = (0, 1)):
-        self.dir = Path(results_dir)
-        self.path = self.dir / f"runs-shard{shard[0]}of{shard[1]}.jsonl"
-
-    def finished_ids(self) -> set[str]:
-        return {r["run_id"] for r in read_results(self.dir)}
-
-    def append(self, record: dict[str, Any]) -> None:
-        old = self.path.read_text() if self.path.is_file() else ""
-        if old and not old.endswith("\n"):
-            old += "\n"
-        _atomic_write(self.path, old + json.dumps(record, sort_keys=True) + "\n")
-
-
-# ---------------------------------------------------------------------------------------------- selection
-def select(runs: Iterable[dict[str, Any]]) -> dict[str, Any] | None:
-    """The run (one per lr) whose best epoch has the highest validation accuracy, ties broken by the lower
-    validation loss, then by the larger lr (the protocol's rule); returns its ``best`` entry plus ``lr``."""
-    best_key, best = None, None
-    for r in sorted(runs, key=lambda r: -(r["lr"] or 0.0)):
-        b = r.get("best") or {}
-        v = b.get("val_acc")
-        if v is None or (isinstance(v, float) and math.isnan(v)):
-            continue
-        loss = b.get("val_loss")
-        loss = math.inf if loss is None or (isinstance(loss, float) and math.isnan(loss)) else loss
-        key = (v, -loss)
-        if best_key is None or key > best_key:
-            best_key, best = key, {"lr": r["lr"], **b}
-    return best
-
-
-@dataclass
-class Cell:
-    mean: float
-    se: float
-    n: int
-
-    def fmt(self) -> str:
-        if math.isnan(self.mean):
-            return "-"
-        return f"{self.mean:.1f} ± {self.se:.1f}" if self.n > 1 else f"{self.mean:.1f}"
-
-
-def _cell(values: list[float]) -> Cell:
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return Cell(float("nan"), float("nan"), 0)
-    m = sum(vals) / len(vals)
-    if len(vals) < 2:
-        return Cell(m, 0.0, len(vals))
-    var = sum((v - m) ** 2 for v in vals) / (len(vals) - 1)
-    return Cell(m, math.sqrt(var / len(vals)), len(vals))
 
 
 def summarise(records: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
@@ -224,8 +111,8 @@ def summarise(records: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, 
         out[k] = {
             "family": e["family"],
             "aggregate": e.get("aggregate", False),
-            "test": _cell([p.get("test_acc") for p in e["picks"]]),
-            "worst": _cell([p.get("test_worst") for p in e["picks"]]),
+            "test": Cell.of([p.get("test_acc") for p in e["picks"]]),
+            "worst": Cell.of([p.get("test_worst") for p in e["picks"]]),
             "selected": e["picks"],
         }
     return out

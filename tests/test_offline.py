@@ -10,7 +10,6 @@ import torch
 
 from benchmarks.offline import data
 from benchmarks.offline.model import SmallResNet
-from benchmarks.offline.pretrain import atomic_write_text, config_hash
 from benchmarks.offline.shifts import SHIFTS, Shift, noise_shifts, perturb_block, target_splits
 from benchmarks.offline.theory import TwoLayerConfig, run_two_layer
 
@@ -125,15 +124,6 @@ def test_two_layer_check_structure_and_last_layer_fixes_label_scaling():
     # y_t = t y_s is solved exactly by rescaling the last layer
     assert by_m["last"]["mean"] < 0.05
     json.dumps(out)
-
-
-def test_atomic_write_and_hash(tmp_path):
-    p = tmp_path / "a" / "b.json"
-    atomic_write_text(p, "{}")
-    assert p.read_text() == "{}"
-    assert list(p.parent.iterdir()) == [p]  # no temp file left behind
-    assert config_hash({"a": 1, "b": 2}) == config_hash({"b": 2, "a": 1})
-    assert config_hash({"a": 1}) != config_hash({"a": 2})
 
 
 def test_quick_pipeline_end_to_end(tmp_path):

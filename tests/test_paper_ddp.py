@@ -26,7 +26,7 @@ pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 
 from benchmarks import paper
-from benchmarks.paper_results import read_results
+from benchmarks.runs import read_results
 from benchmarks.protocol import ProtocolConfig, finetune
 
 try:  # fixture data and the tiny model of the harness tests

@@ -16,7 +16,8 @@ pytest.importorskip("tqdm")
 
 from benchmarks import paper  # noqa: E402
 from benchmarks.paper_models import build_model, paper_block_matcher  # noqa: E402
-from benchmarks.paper_results import ResultStore, read_results, select, summarise  # noqa: E402
+from benchmarks.paper_results import summarise  # noqa: E402
+from benchmarks.runs import ResultStore, read_results, select  # noqa: E402
 from benchmarks.protocol import method_names  # noqa: E402
 try:  # the native-layout fixture writers live in test_datasets.py
     from test_datasets import (  # noqa: E402

@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from torch import nn
 
+from ..protocol import evaluate
+from ..runs import atomic_torch_save, config_hash, train_supervised
 from . import data
 from .model import SmallResNet
 
-__all__ = ["PretrainConfig", "pretrain", "load_or_pretrain", "load_source", "source_model", "config_hash", "atomic_save", "atomic_write_text"]
+__all__ = ["PretrainConfig", "pretrain", "load_or_pretrain", "load_source", "source_model"]
 
 
 @dataclass(frozen=True)
@@ -40,48 +38,12 @@ class PretrainConfig:
         return asdict(self)
 
 
-def config_hash(obj: Any, length: int = 16) -> str:
-    """Stable short hash of a JSON-able object."""
-    text = json.dumps(obj, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:length]
-
-
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(payload)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
-def atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def source_model(cfg: PretrainConfig) -> SmallResNet:
     return SmallResNet(num_classes=data.NUM_CLASSES, widths=cfg.widths)
 
 
 def pretrain(cfg: PretrainConfig, progress: Callable[[int, int, float], None] | None = None) -> tuple[SmallResNet, dict]:
-    """Train from scratch with Adam + cosine schedule; returns (model in eval mode, info)."""
+    """Train from scratch with Adam + one-cycle schedule; returns (model in eval mode, info)."""
     torch.manual_seed(cfg.seed)
     started = time.perf_counter()
     train = data.sample(cfg.n_train, cfg.seed, styles=cfg.styles, cue_agree=cfg.cue_agree, absent=cfg.absent)
@@ -93,25 +55,16 @@ def pretrain(cfg: PretrainConfig, progress: Callable[[int, int, float], None] | 
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.15)
     gen = torch.Generator().manual_seed(cfg.seed)
     x, y = train["x"].contiguous(memory_format=torch.channels_last), train["y"]
-    step = 0
-    for epoch in range(cfg.epochs):
-        model.train()
+
+    def batches():
         order = torch.randperm(cfg.n_train, generator=gen)
-        for start in range(0, cfg.n_train, cfg.batch_size):
-            idx = order[start : start + cfg.batch_size]
-            xb = x[idx]
-            loss = nn.functional.cross_entropy(model(xb), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-            if progress is not None:
-                progress(step, total, float(loss.detach()))
-    model.eval()
-    with torch.no_grad():
-        xv = val["x"].contiguous(memory_format=torch.channels_last)
-        acc = float((model(xv).argmax(1) == val["y"]).float().mean())
+        return ((x[idx], y[idx]) for idx in order.split(cfg.batch_size))
+
+    steps = iter(range(1, total + 1))
+    report = None if progress is None else lambda loss: progress(next(steps), total, float(loss.detach()))
+    train_supervised(model, batches, opt, sched, cfg.epochs, on_step=report)
+    xv = val["x"].contiguous(memory_format=torch.channels_last)
+    acc = evaluate(model, (xv, val["y"]), batch_size=len(xv)).acc  # one forward pass, as it always was
     info = {"source_val_acc": acc, "seconds": time.perf_counter() - started, "config": cfg.to_dict()}
     model = model.to(memory_format=torch.contiguous_format)
     return model, info
@@ -129,7 +82,7 @@ def load_or_pretrain(
         info["cached"] = True
         return path, info
     model, info = pretrain(cfg, progress)
-    atomic_save({"state_dict": model.state_dict(), "info": json.dumps(info)}, path)
+    atomic_torch_save({"state_dict": model.state_dict(), "info": json.dumps(info)}, path)
     info["cached"] = False
     return path, info
 

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
-from .pretrain import atomic_write_text
+from ..runs import atomic_write_text, mean_se
 from .runner import BLOCKS, OfflineConfig, Task
 
 __all__ = ["summarise", "write_outputs", "markdown_table"]
@@ -25,17 +24,6 @@ def _mean_per_block(runs: list[dict], key: str) -> dict[str, float] | None:
     return {b: sum(d.get(b, 0.0) for d in per_seed) / len(per_seed) for b in per_seed[0]}
 
 
-def _mean_se(values: list[float]) -> tuple[float, float]:
-    n = len(values)
-    if n == 0:
-        return float("nan"), float("nan")
-    mean = sum(values) / n
-    if n < 2:
-        return mean, 0.0
-    var = sum((v - mean) ** 2 for v in values) / (n - 1)
-    return mean, math.sqrt(var / n)
-
-
 def summarise(raw: dict[str, Any]) -> dict[str, Any]:
     cfg: OfflineConfig = raw["config"]
     results: dict[Task, dict[str, Any]] = raw["results"]
@@ -46,7 +34,7 @@ def summarise(raw: dict[str, Any]) -> dict[str, Any]:
         for method in cfg.methods:
             runs = [results[Task(shift, s, method)] for s in cfg.seeds if Task(shift, s, method) in results]
             accs = [100.0 * r["test_acc"] for r in runs]
-            mean, se = _mean_se(accs)
+            mean, se, _ = mean_se(accs)
             m: dict[str, Any] = {
                 "accs": accs,
                 "mean": mean,
@@ -59,7 +47,7 @@ def summarise(raw: dict[str, Any]) -> dict[str, Any]:
             if worst and all(w is not None for w in worst):
                 has_groups = True
                 wv = [100.0 * w for w in worst]
-                wm, ws = _mean_se(wv)
+                wm, ws, _ = mean_se(wv)
                 m["worst_group"] = {"accs": wv, "mean": wm, "stderr": ws}
             # which blocks the automatic methods favoured, averaged over seeds
             diag_key = {"auto_rgn": "block_multipliers", "auto_snr": "trained_fraction"}.get(method)

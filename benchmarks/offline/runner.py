@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from ..protocol import PrefixCache, ProtocolConfig, finetune
-from .pretrain import PretrainConfig, atomic_write_text, config_hash, load_or_pretrain, load_source
+from ..runs import atomic_write_text, config_hash, read_json
+from .pretrain import PretrainConfig, load_or_pretrain, load_source
 from .shifts import SHIFTS, Shift, calibrate_noise, noise_shifts, perturb_block, target_splits
 from .theory import TwoLayerConfig, run_two_layer
 
@@ -210,13 +211,6 @@ def _theory_path(cfg: OfflineConfig) -> Path:
     return Path(cfg.out_dir) / "cache" / f"two_layer-{config_hash(cfg.two_layer.to_dict())}.json"
 
 
-def _load_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def run(cfg: OfflineConfig, *, progress: bool = True, log=print) -> dict[str, Any]:
     """Pre-train (or load) the source model, run all missing runs, return the raw results."""
     from tqdm.auto import tqdm
@@ -253,7 +247,7 @@ def run(cfg: OfflineConfig, *, progress: bool = True, log=print) -> dict[str, An
     calibration = None
     if cfg.noise_scales is None:
         cal_path = cache_dir / f"noise-calibration-{source_key}.json"
-        calibration = _load_json(cal_path) if cal_path.exists() else None
+        calibration = read_json(cal_path) if cal_path.exists() else None
         if calibration is None:
             calibration = calibrate_noise(
                 load_source(source_path, cfg.pretrain), absent=cfg.pretrain.absent, cue_agree=cfg.pretrain.cue_agree
@@ -268,13 +262,13 @@ def run(cfg: OfflineConfig, *, progress: bool = True, log=print) -> dict[str, An
     todo: list[tuple[Task, Path]] = []
     for task in tasks:
         path = _task_path(cfg, source_key, task)
-        cached = _load_json(path) if path.exists() else None
+        cached = read_json(path) if path.exists() else None
         if cached is not None:
             results[task] = cached
         else:
             todo.append((task, path))
     theory_path = _theory_path(cfg)
-    theory = _load_json(theory_path) if theory_path.exists() else None
+    theory = read_json(theory_path) if theory_path.exists() else None
     # order: by (shift, seed) group (data and prefix activations are reused inside a worker), the most
     # expensive methods first within a group
     todo.sort(key=lambda tp: (tasks.index(Task(tp[0].shift, tp[0].seed, cfg.methods[0])), -_COST.get(tp[0].method, 1.0)))
@@ -330,7 +324,7 @@ def run(cfg: OfflineConfig, *, progress: bool = True, log=print) -> dict[str, An
             json.dumps({"wall_s": wall, "runs": len(tasks), "workers": cfg.workers, "cpu_count": os.cpu_count(),
                         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}),
         )
-    from_scratch = _load_json(timing_path) if timing_path.exists() else None
+    from_scratch = read_json(timing_path) if timing_path.exists() else None
     return {
         "config": cfg,
         "source": {"path": str(source_path), **source_info},

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from ..protocol import evaluate
 from . import data
 
 __all__ = ["Shift", "SHIFTS", "BLOCK_NOISE_BLOCKS", "target_splits", "perturb_block"]
@@ -101,8 +102,8 @@ def calibrate_noise(
         for scale in ladder:
             accs = []
             for s in (100, 101):
-                m = perturb_block(copy.deepcopy(model), b, scale, s).eval()
-                accs.append(float((m(d["x"]).argmax(1) == d["y"]).float().mean()))
+                m = perturb_block(copy.deepcopy(model), b, scale, s)
+                accs.append(evaluate(m, (d["x"], d["y"]), batch_size=n).acc)
             acc = sum(accs) / len(accs)
             tried.append({"scale": scale, "source_acc": acc})
             if acc < target_acc:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -13,6 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..runs.stats import selection_key
 from .config import EvalResult, FinetuneResult, ProtocolConfig, default_optimizer
 from .data import Split, to_device
 from .evaluate import evaluate_split
@@ -51,7 +51,7 @@ class _Selection:
     state: dict[str, torch.Tensor] | None = None
 
     def offer(self, lr: float, epoch: int, val: EvalResult, model: nn.Module) -> None:
-        score = (val.acc, -val.loss if math.isfinite(val.loss) else -math.inf)
+        score = selection_key(val.acc, val.loss)
         if self.score is None or score > self.score:
             self.score = score
             self.info = {"lr": lr, "epoch": epoch, "val_acc": val.acc, "val_loss": val.loss}
