@@ -15,7 +15,7 @@ ratios as a noise indication. The script never asserts speed; it reports against
 Sections:
 
 1. ``step``       - ``AutoRGN(inner).step()`` (default: multipliers folded into torch's update),
-                    ``AutoRGN(inner, rescale="snapshot").step()`` (the any-optimizer path) and
+                    ``AutoRGN(inner, update="scaled_step").step()`` (the any-optimizer path) and
                     ``AutoSNR(inner).step()`` (steady state after the
                     calibration steps; the calibration steps are timed separately) vs ``inner.step()``
                     for SGD(momentum=0.9), Adam and AdamW (foreach=True), random weights, random
@@ -319,7 +319,7 @@ def wrapper_step_variants(
     up, sharing ``inner``."""
     set_grads(params, grads)
     rgn = AutoRGN(inner)
-    rgn_snapshot = AutoRGN(inner, rescale="snapshot")
+    rgn_snapshot = AutoRGN(inner, update="scaled_step")
     snr = AutoSNR(inner, threshold=cfg.snr_threshold, samples=cfg.samples)
     for _ in range(2):  # inner state and snapshot buffers allocated, plans cached
         inner.step()
@@ -411,7 +411,7 @@ def memory_row(model_name, inner, params, grads, pbytes, rgn, cfg, device) -> di
     if device.type == "cuda":
         set_grads(params, grads)
         bare_peak, _ = cuda_peak(inner.step, device)
-        fresh = AutoRGN(inner, rescale="snapshot")
+        fresh = AutoRGN(inner, update="scaled_step")
         rgn_first_peak, rgn_kept = cuda_peak(fresh.step, device)
         rgn_steady_peak, _ = cuda_peak(fresh.step, device)
         del fresh
@@ -508,7 +508,7 @@ def train_step_rows(
     y = torch.randint(0, classes, (batch,), generator=gen).to(device)
     inner = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2, foreach=True)
     rgn = AutoRGN(inner)
-    rgn_snapshot = AutoRGN(inner, rescale="snapshot")
+    rgn_snapshot = AutoRGN(inner, update="scaled_step")
     snr = AutoSNR(inner, threshold=cfg.snr_threshold, samples=cfg.samples)
     step_times: dict[str, list[float]] = {"bare": [], "AutoRGN": [], "AutoRGN snapshot": [], "AutoSNR": []}
 
@@ -741,7 +741,7 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     for r in sec.get("step", []):
         if r["optimizer"] == "adamw" and r["variant"] in ("AutoRGN", "AutoRGN snapshot"):
             limit = TARGET_FOLD_RATIO if r["variant"] == "AutoRGN" else TARGET_STEP_RATIO
-            label = "AutoRGN(AdamW) folded" if r["variant"] == "AutoRGN" else "AutoRGN(AdamW, rescale='snapshot')"
+            label = "AutoRGN(AdamW) folded" if r["variant"] == "AutoRGN" else "AutoRGN(AdamW, update='scaled_step')"
             rows.append({"target": f"{label}.step <= {limit}x AdamW(foreach).step, {r['model']}",
                          "measured": f"{r['ratio']:.3f}x", "met": r["ratio"] <= limit})
     for r in sec.get("train_step", []):

@@ -12,10 +12,11 @@ Public API:
 * ``per_example_gradient_snr(...)`` - per-tensor gradient SNR over the examples of one batch.
 
 Types: ``BlockMatcher``, ``BlockSelector`` (arguments); ``TrainableReport``/``BlockRow``,
-``NormEvalHandle`` (results); ``UnknownBlockError`` (an unknown block name).
+``BlockSummary`` (the wrappers' ``block_summary()``), ``NormEvalHandle`` (results);
+``UnknownBlockError`` (an unknown block name).
 """
 
-from ._wrapper import OptimizerWrapper
+from ._summary import BlockSummary
 from .auto_rgn import AutoRGN
 from .auto_snr import AutoSNR
 from .blocks import (
@@ -40,8 +41,8 @@ __all__ = [
     "BlockMatcher",
     "BlockRow",
     "BlockSelector",
+    "BlockSummary",
     "NormEvalHandle",
-    "OptimizerWrapper",
     "TrainableReport",
     "UnknownBlockError",
     "block_names",

@@ -7,10 +7,11 @@ learning rate is ``base lr x multiplier``.
 How the multiplier is applied
 -----------------------------
 Not through ``group["lr"]`` (schedulers own it) and not by scaling the gradient (Adam is invariant to
-that). Two paths (``rescale=``), equal up to rounding:
+that). Two paths (``update=``), equal up to rounding:
 
-* snapshot (any optimizer): snapshot each parameter, let the inner optimizer take its ordinary step,
-  then move the parameter back towards the snapshot::
+* ``"scaled_step"`` (any optimizer): snapshot each parameter, let the inner optimizer take its
+  ordinary step, then scale the step by the multiplier, moving the parameter back towards the
+  snapshot::
 
       p <- p_old + m * (p_new - p_old)        (torch.lerp, exact at m = 0 and m = 1)
 
@@ -19,10 +20,10 @@ that). Two paths (``rescale=``), equal up to rounding:
   this equals running the inner optimizer with learning rate ``m x lr`` for that tensor, and the
   optimizer state advances exactly as it would have. The cost is one parameter-sized snapshot
   buffer, allocated once and reused.
-* fold (torch's SGD, Adam, AdamW): run their update here with ``lr x m`` per tensor, on the inner
-  optimizer's own state (``_fold.py``): no buffer and two fewer passes over the parameters. The inner
-  optimizer's state-creating first step and steps with hooks on the inner optimizer take the
-  snapshot path.
+* ``"per_tensor_lr"`` (torch's SGD, Adam, AdamW): run their update here with learning rate
+  ``lr x m`` per tensor - the multiplier folded into the update - on the inner optimizer's own state
+  (``_fold.py``): no buffer and two fewer passes over the parameters. The inner optimizer's
+  state-creating first step and steps with hooks on the inner optimizer take the scaled-step path.
 
 Edge cases (chosen so that multipliers are always finite and in [0, 1])
 --------------------------------------------------------------------
@@ -35,6 +36,8 @@ Edge cases (chosen so that multipliers are always finite and in [0, 1])
   state stays finite, and the parameter keeps its exact value (restored from the snapshot, or left
   alone by the folded update, where ``m = 0`` is an exact no-op).
 * If every gradient is zero, every multiplier is 0 (nothing to learn from).
+* Before the first step every multiplier reads 1 (no tensor scaled yet); the first step's own
+  gradients set the multipliers that step uses, so this value never scales an update.
 * Tensors without a gradient this step are left to the inner optimizer (which skips them); they
   count as RGN 0 in the current window and, between refreshes, keep their multiplier.
 """
@@ -42,6 +45,7 @@ Edge cases (chosen so that multipliers are always finite and in [0, 1])
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -50,12 +54,17 @@ from torch.optim import Optimizer
 
 from ._fold import FoldLayout, fold_ready, fold_unsupported_reason, folded_step, is_low_precision
 from ._foreach import GatherPlan, combine_shard_norms, gather_plan, host_readable, local_norms, local_tensors
+from ._summary import BlockMultipliers, BlockSummary, summarise_blocks
 from ._wrapper import OptimizerWrapper
 
-__all__ = ["AutoRGN", "rgn_multipliers"]
+__all__ = ["AutoRGN"]
+
+_UPDATES = ("auto", "per_tensor_lr", "scaled_step")
+# rescale= was the name of update= up to 0.2: "fold" folded the multiplier into the update
+_RESCALE_TO_UPDATE = {"auto": "auto", "fold": "per_tensor_lr", "snapshot": "scaled_step"}
 
 
-def rgn_multipliers(
+def _rgn(
     grad_norms: torch.Tensor,
     param_norms: torch.Tensor,
     include: torch.Tensor,
@@ -75,7 +84,7 @@ def rgn_multipliers(
     return rgn, unbounded
 
 
-def normalise(rgn: torch.Tensor, unbounded: torch.Tensor) -> torch.Tensor:
+def _normalise(rgn: torch.Tensor, unbounded: torch.Tensor) -> torch.Tensor:
     """Divide by the largest RGN (so the result is in [0, 1]); unbounded tensors get 1."""
     largest = rgn.amax() if rgn.numel() else rgn.new_zeros(())
     # max(largest, tiny) keeps 0/0 at 0 when every gradient is zero.
@@ -98,13 +107,16 @@ class AutoRGN(OptimizerWrapper):
             step, so neither they nor their state move) and do not take part in the max. The
             official code excludes every name containing ``"bn"``. Needs ``model``.
         model: the module whose ``named_parameters()`` give the names for ``exclude``.
-        rescale: how the multipliers reach the update. ``"snapshot"`` works with any optimizer:
-            snapshot the parameters, run the inner step, move each tensor back by ``1 - m`` (one
-            parameter-sized buffer). ``"fold"`` runs torch's SGD/Adam/AdamW update here with
-            ``lr x m`` per tensor on the inner optimizer's own state (no buffer, fewer passes over
-            memory; equal to the snapshot path up to rounding); the inner optimizer's first step,
-            which creates its state, and any step with hooks or a patched ``step`` on the inner
-            optimizer still go through the snapshot path. ``"auto"`` (default) folds where possible.
+        update: how the multipliers reach the update. ``"per_tensor_lr"`` runs torch's
+            SGD/Adam/AdamW update here with learning rate ``lr x m`` per tensor, on the inner
+            optimizer's own state (no buffer, fewer passes over memory); the inner optimizer's
+            first step, which creates its state, and any step with hooks or a patched ``step`` on
+            the inner optimizer still take the scaled-step path. ``"scaled_step"`` works with any
+            optimizer: snapshot the parameters, run the inner step, scale each tensor's step by
+            ``m`` (one parameter-sized buffer). The two agree up to rounding. ``"auto"`` (default)
+            uses ``"per_tensor_lr"`` where possible.
+        rescale: deprecated spelling of ``update`` (``"fold"`` = ``"per_tensor_lr"``,
+            ``"snapshot"`` = ``"scaled_step"``).
 
     Use ``scaler.unscale_(wrapper)`` / ``scaler.step(wrapper)`` with a GradScaler: always pass the
     wrapper, never the inner optimizer, to the scaler.
@@ -119,19 +131,23 @@ class AutoRGN(OptimizerWrapper):
         refresh_every: int = 1,
         exclude: str | Iterable[str] | None = None,
         model: torch.nn.Module | None = None,
-        rescale: str = "auto",
+        update: str = "auto",
+        rescale: str | None = None,
     ) -> None:
         super().__init__(optimizer)
-        if rescale not in ("auto", "fold", "snapshot"):
-            raise ValueError(f"rescale must be 'auto', 'fold' or 'snapshot', got {rescale!r}")
-        if rescale == "fold":
+        if rescale is not None:
+            update = _update_from_rescale(rescale, update)
+        if update not in _UPDATES:
+            raise ValueError(f"update must be 'auto', 'per_tensor_lr' or 'scaled_step', got {update!r}")
+        if update == "per_tensor_lr":
             reason = fold_unsupported_reason(optimizer)
             if reason is not None:
                 raise ValueError(
-                    f"rescale='fold' needs torch's own SGD, Adam or AdamW without fused/capturable/"
-                    f"differentiable: {reason}. Use rescale='auto' or 'snapshot' (any optimizer)."
+                    f"update='per_tensor_lr' needs torch's own SGD, Adam or AdamW without fused/"
+                    f"capturable/differentiable: {reason}. Use update='auto' or 'scaled_step' "
+                    "(any optimizer)."
                 )
-        self.rescale = rescale
+        self.update = update
         # a dict, not a bool attribute: under torch.compile (2.14) an attribute assigned inside a
         # compiled optimizer step did not survive, while dict mutations are replayed
         self._last_step = {"folded": False}
@@ -181,7 +197,7 @@ class AutoRGN(OptimizerWrapper):
         # snapshot buffers by parameter position, allocated on first use and reused every step
         self._snapshots: dict[int, torch.Tensor] = {}
         opts: dict[str, Any] = {"device": self._device, "dtype": self._dtype}
-        self._multipliers = torch.zeros(n, **opts)
+        self._multipliers = torch.ones(n, **opts)  # nothing scaled before the first step
         self._rgn_sum = torch.zeros(n, **opts)
         self._zero_weight_any = torch.zeros(n, device=self._device, dtype=torch.bool)
         self._window_steps = torch.zeros((), **opts)
@@ -207,16 +223,20 @@ class AutoRGN(OptimizerWrapper):
     # ------------------------------------------------------------------ public views
     @property
     def last_step_folded(self) -> bool:
-        """Whether the last ``step()`` folded the multipliers into the update (see ``rescale``)."""
+        """Whether the last ``step()`` ran the ``"per_tensor_lr"`` update, with the multipliers
+        folded into it (``False``: the scaled-step path ran; see ``update``)."""
         return self._last_step["folded"]
 
     def multipliers(self) -> torch.Tensor:
-        """Current multipliers in [0, 1], one per parameter in ``param_groups`` order (a copy)."""
+        """Current multipliers in [0, 1], one per parameter in ``param_groups`` order (a copy);
+        all 1 before the first step."""
         return self._multipliers.clone()
 
-    def block_multipliers(self) -> dict[str, torch.Tensor]:
-        """Mean multiplier of each param group, keyed by the group's ``"name"`` (0-d device tensors)."""
-        out: dict[str, torch.Tensor] = {}
+    def block_multipliers(self) -> BlockMultipliers:
+        """Mean multiplier of each param group, keyed by the group's ``"name"`` (``group<i>`` for
+        an unnamed group): 0-d device tensors, made without a host synchronisation, for logging
+        every step; ``print()`` shows the values."""
+        out = BlockMultipliers()
         start = 0
         for name, group in self._named_groups():
             count = len(group["params"])
@@ -224,24 +244,12 @@ class AutoRGN(OptimizerWrapper):
             start += count
         return out
 
-    def block_summary(self) -> list[dict[str, Any]]:
-        """Per group: name, tensors, mean/max multiplier, as Python numbers (syncs; not for the hot path)."""
-        rows = []
-        start = 0
+    def block_summary(self) -> BlockSummary:
+        """Per param group: tensors, elements, how many take a step (multiplier > 0) and the mean
+        and max multiplier; ``print()`` shows a table (syncs; not for the hot path)."""
         values = self._multipliers.detach().cpu()  # sync-ok: reporting helper, not step()
-        for name, group in self._named_groups():
-            count = len(group["params"])
-            chunk = values[start : start + count]
-            rows.append(
-                {
-                    "name": name,
-                    "tensors": count,
-                    "mean": float(chunk.mean()) if count else 0.0,
-                    "max": float(chunk.max()) if count else 0.0,
-                }
-            )
-            start += count
-        return rows
+        trained = [bool(v) for v in (values > 0).tolist()]  # sync-ok: host tensor
+        return summarise_blocks(self._named_groups(), values, trained, score="multiplier")
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
@@ -270,7 +278,7 @@ class AutoRGN(OptimizerWrapper):
         norms = local_norms(plan, [grads, trained], self._dtype)
         grad_norms, param_norms = self._combine_shards(positions, plan, norms)
         self._update_multipliers(positions, grad_norms, param_norms)
-        local = self._multipliers.index_select(0, plan_index(positions, self._plans, self._device))
+        local = self._multipliers.index_select(0, _plan_index(positions, self._plans, self._device))
 
         # Non-finite gradient entries -> 0, so the inner optimizer's state stays finite. Their
         # tensors have multiplier 0, so their weights do not move.
@@ -280,7 +288,7 @@ class AutoRGN(OptimizerWrapper):
         self._last_step["folded"] = layout is not None
         if layout is not None:
             folded_step(self._inner, layout, trained, local)
-            if self._snapshots:  # the first (state-creating) step used the snapshot path
+            if self._snapshots:  # the first (state-creating) step took the scaled-step path
                 self._snapshots.clear()
             return loss
 
@@ -306,7 +314,7 @@ class AutoRGN(OptimizerWrapper):
         if layout_plan.sharded is None:
             return norms
         n = self._multipliers.numel()
-        index = plan_index(positions, self._plans, self._device)
+        index = _plan_index(positions, self._plans, self._device)
         full = [torch.zeros(n, device=self._device, dtype=self._dtype).index_copy_(0, index, v) for v in norms]
         combined = combine_shard_norms(layout_plan, full)
         return [v.index_select(0, index) for v in combined]
@@ -314,8 +322,8 @@ class AutoRGN(OptimizerWrapper):
     def _fold_layout(
         self, positions: list[int], trained: list[torch.Tensor], any_dtensor: bool
     ) -> FoldLayout | None:
-        """The layout for folding this step's update, or None to take the snapshot path."""
-        if self.rescale == "snapshot" or self._has_complex or fold_unsupported_reason(self._inner):
+        """The layout for folding this step's update, or None to take the scaled-step path."""
+        if self.update == "scaled_step" or self._has_complex or fold_unsupported_reason(self._inner):
             return None
         # group sizes too: the layout maps tensors to their param group's hyperparameters
         key = ("fold", tuple(positions), tuple(len(g["params"]) for g in self.param_groups))
@@ -328,15 +336,15 @@ class AutoRGN(OptimizerWrapper):
         self, positions: list[int], grad_norms: torch.Tensor, param_norms: torch.Tensor
     ) -> None:
         n = self._multipliers.numel()
-        index = plan_index(positions, self._plans, self._device)
+        index = _plan_index(positions, self._plans, self._device)
         full_grad = torch.zeros(n, device=self._device, dtype=self._dtype).index_copy_(0, index, grad_norms)
         full_param = torch.ones(n, device=self._device, dtype=self._dtype).index_copy_(0, index, param_norms)
         include = torch.zeros(n, device=self._device, dtype=torch.bool).index_fill_(0, index, True)
-        rgn, zero_weight = rgn_multipliers(full_grad, full_param, include)
+        rgn, zero_weight = _rgn(full_grad, full_param, include)
         self._rgn_sum.add_(rgn)
         self._zero_weight_any.logical_or_(zero_weight)
         self._window_steps.add_(1)
-        candidate = normalise(self._rgn_sum / self._window_steps, self._zero_weight_any)
+        candidate = _normalise(self._rgn_sum / self._window_steps, self._zero_weight_any)
         window_done = self._window_steps >= self.refresh_every
         refresh = window_done | ~self._initialised
         # a tensor without a gradient this step contributes RGN 0 to the window; between refreshes
@@ -406,13 +414,29 @@ def _zero_non_finite(grads: list[torch.Tensor], grad_norms: torch.Tensor, plan: 
         torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def plan_index(positions: list[int], cache: dict, device: torch.device) -> torch.Tensor:
+def _plan_index(positions: list[int], cache: dict, device: torch.device) -> torch.Tensor:
     """Cached long tensor of ``positions`` on ``device`` (no host->device copy in steady state)."""
     key = ("index", tuple(positions))
     index = cache.get(key)
     if index is None:
         index = cache[key] = torch.tensor(positions, dtype=torch.long, device=device)
     return index
+
+
+def _update_from_rescale(rescale: str, update: str) -> str:
+    """The ``update`` a deprecated ``rescale`` value stands for (with a DeprecationWarning)."""
+    if update != "auto":
+        raise TypeError("pass update= or its deprecated spelling rescale=, not both")
+    if rescale not in _RESCALE_TO_UPDATE:
+        raise ValueError(f"rescale must be 'auto', 'fold' or 'snapshot', got {rescale!r}; use update=")
+    new = _RESCALE_TO_UPDATE[rescale]
+    warnings.warn(
+        f"AutoRGN(rescale={rescale!r}) is deprecated: use update={new!r} (the multipliers are "
+        "applied as a per-tensor learning rate, or by scaling the inner optimizer's step)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return new
 
 
 def _compile_patterns(exclude: str | Iterable[str] | None) -> list[re.Pattern[str]]:

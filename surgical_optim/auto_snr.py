@@ -49,6 +49,7 @@ import torch
 from torch.optim import Optimizer
 
 from ._foreach import gather_plan, local_tensor, sum_over_shards
+from ._summary import BlockSummary, summarise_blocks
 from ._wrapper import OptimizerWrapper
 from .snr import (
     DEFAULT_EPS,
@@ -169,28 +170,13 @@ class AutoSNR(OptimizerWrapper):
         frozen = sum(p.numel() for p, m in zip(params, mask) if m == 0)
         return frozen / total if total else 0.0
 
-    def block_summary(self) -> list[dict[str, Any]]:
-        """Per param group: name, tensors, how many are trained, the fraction of elements trained and
-        the mean SNR (as ``snr()``), as Python numbers (syncs; not for the hot path)."""
+    def block_summary(self) -> BlockSummary:
+        """Per param group: tensors, elements, how many are trained (not frozen) and the mean and
+        max SNR (as ``snr()``); ``print()`` shows a table (syncs; not for the hot path)."""
         mask = self._mask.detach().cpu()  # sync-ok: reporting helper, not step()
         snr = self.snr().detach().cpu()  # sync-ok: reporting helper, not step()
-        rows, start = [], 0
-        for name, group in self._named_groups():
-            params = group["params"]
-            chunk = slice(start, start + len(params))
-            sizes = [p.numel() for p in params]
-            kept = [m != 0 for m in mask[chunk].tolist()]  # sync-ok: reporting helper, not step()
-            rows.append(
-                {
-                    "name": name,
-                    "tensors": len(params),
-                    "trained_tensors": sum(kept),
-                    "trained_fraction": sum(n for n, k in zip(sizes, kept) if k) / max(sum(sizes), 1),
-                    "mean_snr": float(snr[chunk].mean()) if params else 0.0,
-                }
-            )
-            start += len(params)
-        return rows
+        trained = [m != 0 for m in mask.tolist()]  # sync-ok: host tensor
+        return summarise_blocks(self._named_groups(), snr, trained, score="snr")
 
     # ------------------------------------------------------------------ estimation
     def _collecting(self) -> bool:

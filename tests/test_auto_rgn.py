@@ -70,14 +70,14 @@ def test_matches_per_tensor_loop_reference(name, foreach):
                 torch.testing.assert_close(value, ref.optimizer.state[b][key], rtol=1e-11, atol=1e-13)
 
 
-@pytest.mark.parametrize("rescale", ["snapshot", "auto"])
+@pytest.mark.parametrize("update", ["scaled_step", "auto"])
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
-def test_equals_one_param_group_per_tensor_with_scaled_lr(name, rescale):
+def test_equals_one_param_group_per_tensor_with_scaled_lr(name, update):
     """The paper's formulation (lr x multiplier per tensor) gives the same trajectory, whether the
-    multipliers rescale the update afterwards or are folded into it (SGD, Adam, AdamW)."""
+    multipliers scale the inner step afterwards or are folded into the update as a per-tensor lr (SGD, Adam, AdamW)."""
     fast_model, ref_model = make_model(), make_model()
     make = OPTIMIZERS[name]
-    fast = AutoRGN(make(fast_model.parameters(), 0.05), rescale=rescale)
+    fast = AutoRGN(make(fast_model.parameters(), 0.05), update=update)
     ref_params = list(ref_model.parameters())
     ref = make([{"params": [p]} for p in ref_params], 0.05)
     for x, y in batches(5):
@@ -89,7 +89,7 @@ def test_equals_one_param_group_per_tensor_with_scaled_lr(name, rescale):
         per_tensor_lr_step(ref, ref_params, 0.05)
         for a, b in zip(fast_model.parameters(), ref_params):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-    assert fast.last_step_folded == (rescale == "auto" and name.startswith(("sgd", "adam")))
+    assert fast.last_step_folded == (update == "auto" and name.startswith(("sgd", "adam")))
 
 
 def test_multiplier_values_by_hand():
@@ -105,14 +105,14 @@ def test_multiplier_values_by_hand():
     torch.testing.assert_close(b.detach(), torch.tensor([0.95]))
 
 
-@pytest.mark.parametrize("rescale", ["snapshot", "fold"])
-def test_single_tensor_is_identical_to_bare_optimizer(rescale):
+@pytest.mark.parametrize("update", ["scaled_step", "per_tensor_lr"])
+def test_single_tensor_is_identical_to_bare_optimizer(update):
     """Multiplier 1: lerp with weight 0 is exact (snapshot); folded, the CPU's host step sizes are
     torch's own arithmetic. A 64 x 32 tensor: small ones can agree by luck where arithmetic differs."""
     torch.manual_seed(0)
     w1 = torch.nn.Parameter(torch.randn(64, 32))
     w2 = torch.nn.Parameter(w1.detach().clone())
-    wrapped = AutoRGN(torch.optim.AdamW([w1], lr=1e-2, weight_decay=0.1), rescale=rescale)
+    wrapped = AutoRGN(torch.optim.AdamW([w1], lr=1e-2, weight_decay=0.1), update=update)
     bare = torch.optim.AdamW([w2], lr=1e-2, weight_decay=0.1)
     for step in range(5):
         g = torch.randn(64, 32)
@@ -120,7 +120,7 @@ def test_single_tensor_is_identical_to_bare_optimizer(rescale):
         wrapped.step()
         bare.step()
         assert torch.equal(w1, w2), step  # bit-identical
-    assert wrapped.last_step_folded == (rescale == "fold")
+    assert wrapped.last_step_folded == (update == "per_tensor_lr")
 
 
 def test_zero_weight_tensor_gets_one_and_does_not_squash_others():
@@ -291,7 +291,11 @@ def test_block_multipliers_use_group_names():
     torch.testing.assert_close(per_block["head"], m[6:].mean())
     rows = opt.block_summary()
     assert [r["name"] for r in rows] == ["stem", "middle", "head"]
-    assert max(r["max"] for r in rows) == pytest.approx(1.0)
+    assert [r["tensors"] for r in rows] == [4, 2, 2]
+    assert [r["params"] for r in rows] == [3 * 4 * 9 + 4 + 4 + 4, 64 * 5 + 5, 5 * 3 + 3]
+    assert rows[0]["mean_score"] == pytest.approx(float(m[:4].mean()))
+    assert max(r["max_score"] for r in rows) == pytest.approx(1.0)
+    assert str(per_block).startswith(f"stem: {float(m[:4].mean()):.4f}, middle: ")
 
 
 def test_mixed_dtypes_are_grouped_and_match_reference():

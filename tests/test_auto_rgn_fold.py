@@ -33,10 +33,10 @@ def two_groups(model: torch.nn.Module, lr_scale: float = 0.3) -> list[dict]:
     return [{"params": params[:3]}, {"params": params[3:], "lr_scale": lr_scale}]
 
 
-def build(name: str, model: torch.nn.Module, rescale: str) -> AutoRGN:
+def build(name: str, model: torch.nn.Module, update: str) -> AutoRGN:
     inner = FOLDABLE[name](two_groups(model))
     inner.param_groups[1]["lr"] *= inner.param_groups[1].pop("lr_scale")  # a second learning rate
-    return AutoRGN(inner, rescale=rescale)
+    return AutoRGN(inner, update=update)
 
 
 ADAM_PATHS = ["host_step_sizes", "device_step_sizes"]
@@ -56,7 +56,7 @@ CASES = [(name, path) for name in sorted(FOLDABLE) for path in (ADAM_PATHS if "a
 def test_folded_update_equals_snapshot_path(name, adam_path, monkeypatch):
     use_adam_path(adam_path, monkeypatch)
     fold_model, snap_model = make_model(), make_model()
-    fold, snap = build(name, fold_model, "fold"), build(name, snap_model, "snapshot")
+    fold, snap = build(name, fold_model, "per_tensor_lr"), build(name, snap_model, "scaled_step")
     for step, (x, y) in enumerate(batches(6)):
         for model, opt in ((fold_model, fold), (snap_model, snap)):
             opt.zero_grad()
@@ -82,7 +82,7 @@ def test_float32_fold_tracks_snapshot(adam_path, monkeypatch):
     rounding at a time, in test_low_precision.py."""
     use_adam_path(adam_path, monkeypatch)
     fold_model, snap_model = make_model(dtype=torch.float32), make_model(dtype=torch.float32)
-    fold, snap = build("adamw", fold_model, "fold"), build("adamw", snap_model, "snapshot")
+    fold, snap = build("adamw", fold_model, "per_tensor_lr"), build("adamw", snap_model, "scaled_step")
     for x, y in batches(4, dtype=torch.float32):
         for model, opt in ((fold_model, fold), (snap_model, snap)):
             opt.zero_grad()
@@ -97,7 +97,7 @@ def test_float32_fold_tracks_snapshot(adam_path, monkeypatch):
 @pytest.mark.parametrize("name", ["sgd_momentum_dampening_wd", "adamw"])
 def test_non_finite_gradient_on_a_folded_step_never_corrupts(bad, name, both_paths):
     model = make_model()
-    opt = AutoRGN(FOLDABLE[name](model.parameters()), rescale="fold")
+    opt = AutoRGN(FOLDABLE[name](model.parameters()), update="per_tensor_lr")
     data = batches(3)
     for x, y in data[:2]:
         opt.zero_grad()
@@ -121,7 +121,7 @@ def test_non_finite_gradient_on_a_folded_step_never_corrupts(bad, name, both_pat
 def test_checkpoints_move_between_fold_and_snapshot():
     """The inner optimizer's state is the same either way, so a checkpoint resumes on either path."""
     model = make_model()
-    opt = AutoRGN(torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1), rescale="fold")
+    opt = AutoRGN(torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1), update="per_tensor_lr")
     data = batches(6)
     for x, y in data[:3]:
         opt.zero_grad()
@@ -129,15 +129,15 @@ def test_checkpoints_move_between_fold_and_snapshot():
         opt.step()
     checkpoint = copy.deepcopy(opt.state_dict())
     twins = []
-    for rescale in ("fold", "snapshot"):
+    for update in ("per_tensor_lr", "scaled_step"):
         twin_model = copy.deepcopy(model)
-        twin = AutoRGN(torch.optim.AdamW(twin_model.parameters(), lr=1e-2, weight_decay=0.1), rescale=rescale)
+        twin = AutoRGN(torch.optim.AdamW(twin_model.parameters(), lr=1e-2, weight_decay=0.1), update=update)
         twin.load_state_dict(copy.deepcopy(checkpoint))
         for x, y in data[3:]:
             twin.zero_grad()
             backward(twin_model, x, y)
             twin.step()
-        assert twin.last_step_folded == (rescale == "fold")  # resumed state: no first-step detour
+        assert twin.last_step_folded == (update == "per_tensor_lr")  # resumed state: no first-step detour
         twins.append(twin_model)
     for a, b in zip(*(m.parameters() for m in twins)):
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-13)
@@ -158,10 +158,10 @@ def test_auto_takes_the_snapshot_path_where_folding_does_not_apply():
             backward(model, x, y)
             opt.step()
         assert not opt.last_step_folded, label
-        with pytest.raises(ValueError, match="rescale='auto' or 'snapshot'"):
-            AutoRGN(inner, rescale="fold")
-    with pytest.raises(ValueError, match="'auto', 'fold' or 'snapshot'"):
-        AutoRGN(torch.optim.SGD(model.parameters(), lr=0.1), rescale="fused")
+        with pytest.raises(ValueError, match="update='auto' or 'scaled_step'"):
+            AutoRGN(inner, update="per_tensor_lr")
+    with pytest.raises(ValueError, match="'auto', 'per_tensor_lr' or 'scaled_step'"):
+        AutoRGN(torch.optim.SGD(model.parameters(), lr=0.1), update="fused")
 
 
 def test_hooks_and_schedulers_on_the_inner_optimizer_still_run():
@@ -246,10 +246,10 @@ def test_moving_a_tensor_between_param_groups_is_noticed():
     """Same tensors in the same order, different group boundaries: the folded update must use the
     new group's learning rate, as the inner optimizer would."""
     results = []
-    for rescale in ("fold", "snapshot"):
+    for update in ("per_tensor_lr", "scaled_step"):
         torch.manual_seed(0)
         a, b, c = (torch.nn.Parameter(torch.randn(4)) for _ in range(3))
-        opt = AutoRGN(torch.optim.SGD([{"params": [a, b], "lr": 0.1}, {"params": [c], "lr": 0.01}]), rescale=rescale)
+        opt = AutoRGN(torch.optim.SGD([{"params": [a, b], "lr": 0.1}, {"params": [c], "lr": 0.01}]), update=update)
         for regroup in (False, True):
             if regroup:  # b moves to the second group; the flat order a, b, c stays
                 opt.param_groups[0]["params"] = [a]
@@ -257,7 +257,7 @@ def test_moving_a_tensor_between_param_groups_is_noticed():
             for p in (a, b, c):
                 p.grad = torch.ones(4)
             opt.step()
-        assert opt.last_step_folded == (rescale == "fold")
+        assert opt.last_step_folded == (update == "per_tensor_lr")
         results.append([p.detach().clone() for p in (a, b, c)])
     for x, y in zip(*results):
         torch.testing.assert_close(x, y)
@@ -268,7 +268,7 @@ def test_switching_momentum_on_mid_run_matches_torch():
     from surgical_optim.auto_rgn_reference import per_tensor_lr_step
 
     model, ref_model = make_model(), make_model()
-    opt = AutoRGN(torch.optim.SGD(model.parameters(), lr=0.05), rescale="auto")
+    opt = AutoRGN(torch.optim.SGD(model.parameters(), lr=0.05), update="auto")
     ref_params = list(ref_model.parameters())
     ref = torch.optim.SGD([{"params": [p]} for p in ref_params], lr=0.05)
     for step, (x, y) in enumerate(batches(5)):
@@ -287,12 +287,12 @@ def test_switching_momentum_on_mid_run_matches_torch():
             torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-13)
 
 
-@pytest.mark.parametrize("rescale", ["fold", "snapshot"])
-def test_global_optimizer_hooks_fire_alike_on_both_paths(rescale):
+@pytest.mark.parametrize("update", ["per_tensor_lr", "scaled_step"])
+def test_global_optimizer_hooks_fire_alike_on_both_paths(update):
     from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
     model = make_model()
-    opt = AutoRGN(torch.optim.AdamW(model.parameters(), lr=1e-2), rescale=rescale)
+    opt = AutoRGN(torch.optim.AdamW(model.parameters(), lr=1e-2), update=update)
     seen: list[tuple[str, str]] = []
     handles = [
         register_optimizer_step_pre_hook(lambda o, args, kwargs: seen.append(("pre", type(o).__name__))),

@@ -350,8 +350,10 @@ def test_block_summary_reports_trained_share_per_group():
     rows = opt.block_summary()
     assert [(r["name"], r["tensors"], r["trained_tensors"]) for r in rows] == [("first", 2, 1), ("rest", 1, 0)]
     assert [r["trained_fraction"] for r in rows] == [0.25, 0.0]  # 10 of 40 elements; none of 5
-    assert rows[0]["mean_snr"] == pytest.approx((normalised[0] + normalised[1]) / 2, rel=1e-9)
-    assert rows[1]["mean_snr"] == pytest.approx(normalised[2], rel=1e-9)
+    assert rows[0]["mean_score"] == pytest.approx((normalised[0] + normalised[1]) / 2, rel=1e-9)
+    assert rows[0]["max_score"] == pytest.approx(max(normalised[:2]), rel=1e-9)
+    assert rows[1]["mean_score"] == pytest.approx(normalised[2], rel=1e-9)
+    assert [(r["params"], r["trained_tensors"]) for r in rows] == [(40, 1), (5, 0)]
 
 
 # ---------------------------------------------------------------------- sparse gradients

@@ -430,10 +430,10 @@ def _fused_options():
     return options
 
 
-@pytest.mark.parametrize("rescale", ["snapshot", "auto"])
+@pytest.mark.parametrize("update", ["scaled_step", "auto"])
 @pytest.mark.parametrize("clip", [True, False], ids=["unscale_+clip", "step_unscales"])
 @pytest.mark.parametrize("fused", _fused_options(), ids=lambda f: f"fused={f}")
-def test_grad_scaler_single_tensor_matches_bare_adamw(fused, clip, rescale):
+def test_grad_scaler_single_tensor_matches_bare_adamw(fused, clip, update):
     """One parameter tensor: its multiplier is exactly 1, so the wrapped run is the bare run, bit for
     bit (the folded update on CPU is torch's own arithmetic at multiplier 1)."""
     dtype = _autocast_dtype()
@@ -447,8 +447,8 @@ def test_grad_scaler_single_tensor_matches_bare_adamw(fused, clip, rescale):
 
     bare_model, bare_opt = build()
     model, inner = build()
-    wrapper = AutoRGN(inner, rescale=rescale)
-    folds = rescale == "auto" and not fused  # fused inner optimizers always take the snapshot path
+    wrapper = AutoRGN(inner, update=update)
+    folds = update == "auto" and not fused  # fused inner optimizers always take the snapshot path
     assert not getattr(wrapper, "_step_supports_amp_scaling", False)
     bare_scaler, scaler = _cpu_scaler(init_scale=2.0**12), _cpu_scaler(init_scale=2.0**12)
     for step, (xb, yb) in enumerate(batches):

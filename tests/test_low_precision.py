@@ -1,4 +1,4 @@
-"""AutoRGN on float16 and bfloat16 parameters, on both rescale paths and both Adam branches.
+"""AutoRGN on float16 and bfloat16 parameters, on both update paths (per-tensor lr, scaled step) and both Adam branches.
 
 The reference is the paper's formulation run by torch itself: one param group per tensor with
 learning rate ``lr x m`` (torch computes its scalar factors in float32 or double and rounds once into
@@ -68,19 +68,19 @@ def reference_step(name: str, params: list[torch.Tensor], state: list[dict], lr:
 
 
 @pytest.mark.parametrize("adam_branch", ["host_step_sizes", "device_step_sizes"])
-@pytest.mark.parametrize("rescale", ["fold", "snapshot"])
+@pytest.mark.parametrize("update", ["per_tensor_lr", "scaled_step"])
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_each_step_within_rounding_of_the_per_tensor_lr_reference(dtype, name, rescale, adam_branch, monkeypatch):
+def test_each_step_within_rounding_of_the_per_tensor_lr_reference(dtype, name, update, adam_branch, monkeypatch):
     if adam_branch == "device_step_sizes":  # the branch an accelerator takes, forced on this CPU
         monkeypatch.setattr(fold_module, "host_readable", lambda device: False)
     lr, grad_max = SETUP[name]
     params = make_params(dtype, 1e-3)
-    opt = AutoRGN(OPTIMIZERS[name](params, lr), rescale=rescale)
+    opt = AutoRGN(OPTIMIZERS[name](params, lr), update=update)
     moved = torch.zeros(len(params), dtype=torch.bool)
-    # the snapshot path rescales the inner optimizer's own, already rounded, full step: one more
+    # the scaled-step path scales the inner optimizer's own, already rounded, full step: one more
     # rounding (scaled by m) than the fold, which forms lr x m before touching the parameter
-    roundings = 1 if rescale == "fold" else 2
+    roundings = 1 if update == "per_tensor_lr" else 2
     for step in range(4):
         ref_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
         set_grads(params, step, grad_max)
@@ -88,7 +88,7 @@ def test_each_step_within_rounding_of_the_per_tensor_lr_reference(dtype, name, r
         before, state = [p.detach().clone() for p in params], copy_state(opt)
         expected_m = reference_multipliers(params)
         opt.step()
-        if rescale == "fold" and (step > 0 or name == "sgd"):
+        if update == "per_tensor_lr" and (step > 0 or name == "sgd"):
             assert opt.last_step_folded
         # the multipliers are float32 statistics; the update is checked with the ones used
         torch.testing.assert_close(opt.multipliers(), torch.tensor(expected_m), rtol=1e-5, atol=0)
@@ -109,7 +109,7 @@ def test_folded_adamw_decay_factor_is_not_rounded_to_the_parameter_dtype(dtype):
     frozen = torch.nn.Parameter(torch.full((2,), 3.0, dtype=dtype))
     p = torch.nn.Parameter(torch.full((2,), 3.0, dtype=dtype))
     ref_p = torch.nn.Parameter(torch.full((2,), 3.0, dtype=dtype))
-    opt = AutoRGN(torch.optim.AdamW([frozen, p], lr=0.0025, eps=1e-6, weight_decay=1.0), rescale="fold")
+    opt = AutoRGN(torch.optim.AdamW([frozen, p], lr=0.0025, eps=1e-6, weight_decay=1.0), update="per_tensor_lr")
     # torch's single-tensor AdamW forms its factor in float32 (its CPU foreach kernels round it)
     ref = torch.optim.AdamW([ref_p], lr=0.0025, eps=1e-6, weight_decay=1.0, foreach=False)
     for _ in range(2):  # the second step folds (the first creates the state)

@@ -44,11 +44,11 @@ def loss(model: torch.nn.Module, tokens, target) -> torch.Tensor:
     return ((model(tokens) - target) ** 2).mean()
 
 
-@pytest.mark.parametrize("rescale", ["auto", "snapshot"])
+@pytest.mark.parametrize("update", ["auto", "scaled_step"])
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
-def test_sparse_gradients_equal_one_param_group_per_tensor(name, rescale):
+def test_sparse_gradients_equal_one_param_group_per_tensor(name, update):
     model, ref_model = Bag(), Bag()
-    opt = AutoRGN(OPTIMIZERS[name](list(model.parameters()), 0.1), rescale=rescale)
+    opt = AutoRGN(OPTIMIZERS[name](list(model.parameters()), 0.1), update=update)
     ref_params = list(ref_model.parameters())
     ref = OPTIMIZERS[name]([{"params": [p]} for p in ref_params], 0.1)
     for tokens, target in batches(4):
