@@ -3,8 +3,7 @@ block-noise experiment, and Auto-RGN's mean multiplier per block."""
 
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 from pathlib import Path
 from typing import Any
 
@@ -13,21 +12,18 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-BLOCKS = ("stem", "layer1", "layer2", "layer3", "layer4", "fc")
+from ..runs import atomic_write_bytes  # noqa: E402
+from .runner import BLOCKS  # noqa: E402
 COLOURS = {"input": "#4C72B0", "feature": "#55A868", "output": "#C44E52", "block-noise": "#8172B2"}
 
 
 def _save(fig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
+    buffer = io.BytesIO()
     try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
-        os.replace(tmp, path)
+        fig.savefig(buffer, dpi=110, bbox_inches="tight", format="png")
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
         plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _relative_grid(rows: dict[str, Any], title: str, path: Path, extra: tuple[str, ...] = ("auto_rgn", "auto_snr")) -> None:
