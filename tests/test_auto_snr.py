@@ -560,3 +560,18 @@ def test_no_warning_while_a_fair_share_trains(threshold, recwarn):
     moved = run_steps(opt, params, ["signal", "signal", "noise", "noise"], generator, 7)
     assert moved[6][:2] == [True, True]  # both steady tensors train: 400 of 435 elements
     assert not nearly_all_frozen_warnings(recwarn.list)
+
+
+def test_the_readme_recipe_for_a_threshold_calibrate_read_lower_calibrate_again():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(30, 1))
+    opt = AutoSNR(torch.optim.SGD(model.parameters(), lr=0.1), threshold=1.0)
+    x = torch.randn(16, 30, generator=torch.Generator().manual_seed(0))
+    loss = lambda out, target: ((out.squeeze(-1) - target) ** 2).mean()
+    with pytest.warns(UserWarning, match="lower threshold"):
+        opt.calibrate(model, loss, x, torch.zeros(16))
+    (row,) = opt.block_summary()
+    assert row["trained_tensors"] == 1 and row["max_score"] == 1.0
+    opt.threshold = float(opt.snr().min())  # no tensor strictly below it: both train
+    opt.calibrate(model, loss, x, torch.zeros(16))
+    assert opt.mask().tolist() == [1.0, 1.0] and opt.frozen_fraction() == 0.0
