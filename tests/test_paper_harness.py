@@ -1,4 +1,4 @@
-"""End-to-end tests of the paper harness (benchmarks/paper.py) on fixture data in native layouts, on CPU."""
+"""End-to-end tests of the paper harness (benchmarks/paper/) on fixture data in native layouts, on CPU."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 
 from benchmarks import paper  # noqa: E402
-from benchmarks.paper_models import build_model, paper_block_matcher  # noqa: E402
-from benchmarks.paper_results import summarise  # noqa: E402
+from benchmarks.paper import source, sweep  # noqa: E402
+from benchmarks.paper.models import build_model, paper_block_matcher  # noqa: E402
+from benchmarks.paper.results import summarise  # noqa: E402
 from benchmarks.runs import ResultStore, read_results, select  # noqa: E402
 from benchmarks.protocol import method_names  # noqa: E402
 try:  # the native-layout fixture writers live in test_datasets.py
@@ -97,13 +98,13 @@ def test_end_to_end_cifar10c_table_and_plot(tmp_path):
 def test_resume_skips_finished_runs_and_shards(tmp_path, monkeypatch):
     args = _cifar10c_args(tmp_path, "--max-runs", "5", corruptions="fog", methods="none,all,last")
     calls = []
-    real = paper.finetune
+    real = sweep.finetune
 
     def counting(run, *a, **k):
         calls.append(run.run_id)
         return real(run, *a, **k)
 
-    monkeypatch.setattr(paper, "finetune", counting)
+    monkeypatch.setattr(sweep, "finetune", counting)
     assert paper.main(args) == 0  # interrupted sweep: only 5 runs
     assert len(calls) == 5 and len(read_results(tmp_path / "out" / "results")) == 5
     calls.clear()
@@ -156,8 +157,8 @@ def test_pretrains_and_caches_source_model_cifar_flip(tmp_path, monkeypatch):
             "--loader-arg", "target_train_per_class=4", "--loader-arg", "target_val_per_class=2",
             "--loader-arg", "source_val_per_class=6", "--out", str(tmp_path / "out"), *COMMON]
     trained = []
-    real = paper.train_source
-    monkeypatch.setattr(paper, "train_source", lambda *a, **k: trained.append(1) or real(*a, **k))
+    real = source.train_source
+    monkeypatch.setattr(source, "train_source", lambda *a, **k: trained.append(1) or real(*a, **k))
     assert paper.main(args) == 0
     models = list((tmp_path / "out" / "source_models").glob("cifar_flip-tiny_cnn-*.pt"))
     assert len(models) == 1 and models[0].with_suffix(".json").is_file() and trained == [1]
@@ -216,7 +217,7 @@ def test_living17_from_imagenet_folder_and_celeba(tmp_path):
 
 def test_method_expansion_and_blocks():
     model = build_model("resnet26", 10)
-    blocks = paper._paper_blocks(model, "resnet26")
+    blocks = paper.paper_blocks(model, "resnet26")
     assert blocks == ["block1", "block2", "block3", "fc"]
     ms = method_names(["none", "full", "first", "block:*", "linear_probe", "l1sp"], blocks)
     assert ms == ["none", "all", "block:block1", "block:block2", "block:block3", "block:fc", "l1_sp"]

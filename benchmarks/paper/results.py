@@ -18,13 +18,15 @@ mean ± standard error (sample std / sqrt(n)) over seeds.
 from __future__ import annotations
 
 import math
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable
 
-from .runs import Cell, select
+from ..runs import Cell, read_results, select
 
 __all__ = [
+    "write_report",
     "summarise",
     "format_table",
     "average_ranks",
@@ -244,3 +246,16 @@ def plot_relative(summary: dict[tuple[str, str], dict[str, Any]], path: str | Pa
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def write_report(out: Path, quiet: bool = False) -> str:
+    """``table.md`` and the plot under ``out``, from the rows under ``out/results`` alone; the table."""
+    summary = summarise(read_results(out / "results"))
+    table = format_table(summary)
+    (out / "table.md").write_text(table)
+    plot = plot_relative(summary, out / "relative_to_full_ft.png")
+    if not quiet:
+        print(table)
+        if plot:
+            print(f"plot: {plot}", file=sys.stderr)
+    return table

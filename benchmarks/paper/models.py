@@ -1,4 +1,4 @@
-"""Source-model architectures and loaders for the paper harness (``benchmarks/paper.py``).
+"""Source-model architectures and loaders for the paper harness (``python -m benchmarks.paper``).
 
 * ``resnet26``  - CIFAR ResNet of depth 6n+2 with n = 4 (the paper's ResNet-26): ``conv1``/``bn1`` stem,
   stages ``layer1``..``layer3`` of 4 basic blocks (16k, 32k, 64k channels, ``width`` k), ``fc``.

@@ -1,0 +1,7 @@
+"""``python -m benchmarks.paper``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
