@@ -17,14 +17,14 @@ from test_low_precision import GRAD_SCALES, OPTIMIZERS, SETUP, copy_state, refer
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-@pytest.mark.parametrize("rescale", ["fold", "snapshot"])
+@pytest.mark.parametrize("update", ["per_tensor_lr", "scaled_step"])
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_low_precision_steps_on_cuda_follow_the_per_tensor_lr_reference(dtype, name, rescale):
+def test_low_precision_steps_on_cuda_follow_the_per_tensor_lr_reference(dtype, name, update):
     lr, grad_max = SETUP[name]
     params = [torch.nn.Parameter(torch.full((4,), 1e-3, dtype=dtype, device="cuda")) for _ in GRAD_SCALES]
-    opt = AutoRGN(OPTIMIZERS[name](params, lr), rescale=rescale)
-    roundings = 1 if rescale == "fold" else 2
+    opt = AutoRGN(OPTIMIZERS[name](params, lr), update=update)
+    roundings = 1 if update == "per_tensor_lr" else 2
     for step in range(4):
         pattern = -torch.tensor([1.0, 0.5, 0.25, 0.75], device="cuda").roll(step) * (1 + 0.1 * step)
         ref_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
@@ -33,7 +33,7 @@ def test_low_precision_steps_on_cuda_follow_the_per_tensor_lr_reference(dtype, n
             r.grad = p.grad.clone()
         before, state = [p.detach().clone() for p in params], copy_state(opt)
         opt.step()
-        if rescale == "fold" and (step > 0 or name == "sgd"):
+        if update == "per_tensor_lr" and (step > 0 or name == "sgd"):
             assert opt.last_step_folded
         reference_step(name, ref_params, state, lr, opt.multipliers().cpu())
         for i, (p, r, b) in enumerate(zip(params, ref_params, before)):
