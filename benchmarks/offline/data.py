@@ -150,43 +150,51 @@ class ShapeSpec:
     hidden: torch.Tensor | None = None
 
 
-def render(spec: ShapeSpec, generator: torch.Generator) -> torch.Tensor:
-    """Draw images (N, 3, 32, 32) in [0, 1] for ``spec`` with random pose, colours and background."""
-    n = spec.labels.numel()
-    g = generator
-    lin = (torch.arange(SIZE, dtype=torch.float32) + 0.5) / SIZE * 2 - 1  # pixel centres in [-1, 1]
-    yy, xx = torch.meshgrid(lin, lin, indexing="ij")
-    xx = xx.expand(n, SIZE, SIZE)
-    yy = yy.expand(n, SIZE, SIZE)
+class _Canvas:
+    """Pixel-centre coordinates of N images, and the random draws they share (all from one generator, in a
+    fixed order: the images depend on nothing else)."""
 
-    def uniform(lo: float, hi: float, *shape: int) -> torch.Tensor:
-        return torch.rand(n, *shape, generator=g) * (hi - lo) + lo
+    def __init__(self, n: int, generator: torch.Generator) -> None:
+        self.n, self.g = n, generator
+        lin = (torch.arange(SIZE, dtype=torch.float32) + 0.5) / SIZE * 2 - 1  # pixel centres in [-1, 1]
+        yy, xx = torch.meshgrid(lin, lin, indexing="ij")
+        self.xx, self.yy = xx.expand(n, SIZE, SIZE), yy.expand(n, SIZE, SIZE)
 
-    # main shape pose
-    scale = uniform(0.42, 0.55)
-    cx, cy = uniform(-0.12, 0.12), uniform(-0.12, 0.12)
-    angle = uniform(-0.25, 0.25)
-    # colours: a dark-ish background with a gentle gradient, a bright foreground far from it
-    bg = uniform(0.05, 0.45, 3)
-    fg = uniform(0.55, 1.0, 3)
-    swap = torch.rand(n, generator=g) < 0.3  # sometimes dark shape on bright background
-    bg, fg = torch.where(swap[:, None], fg, bg), torch.where(swap[:, None], bg, fg)
-    grad_dir = uniform(0, 2 * math.pi)
-    grad_amp = uniform(0.0, 0.12)
-    stripe_phase = uniform(0, 2 * math.pi)
-    stripe_angle = uniform(0, math.pi)
+    def uniform(self, lo: float, hi: float, *shape: int) -> torch.Tensor:
+        return torch.rand(self.n, *shape, generator=self.g) * (hi - lo) + lo
 
-    def local(cx_, cy_, scale_, angle_, mask=None):
-        gx_, gy_ = (xx, yy) if mask is None else (xx[mask], yy[mask])
+    def local(self, cx_, cy_, scale_, angle_, mask=None):
+        """Coordinates in the frame of a shape at (cx_, cy_), of size scale_, turned by angle_."""
+        gx_, gy_ = (self.xx, self.yy) if mask is None else (self.xx[mask], self.yy[mask])
         dx = (gx_ - cx_.view(-1, 1, 1)) / scale_.view(-1, 1, 1)
         dy = (gy_ - cy_.view(-1, 1, 1)) / scale_.view(-1, 1, 1)
         ca, sa = torch.cos(angle_).view(-1, 1, 1), torch.sin(angle_).view(-1, 1, 1)
         return ca * dx + sa * dy, -sa * dx + ca * dy
 
-    pixel = 2.0 / SIZE
-    u, v = local(cx, cy, scale, angle)
+
+_PIXEL = 2.0 / SIZE
+
+
+def _pose(c: _Canvas) -> dict[str, torch.Tensor]:
+    """The main shape's pose and the colours (drawn in this order)."""
+    p = {"scale": c.uniform(0.42, 0.55), "cx": c.uniform(-0.12, 0.12), "cy": c.uniform(-0.12, 0.12),
+         "angle": c.uniform(-0.25, 0.25)}
+    # colours: a dark-ish background with a gentle gradient, a bright foreground far from it
+    bg, fg = c.uniform(0.05, 0.45, 3), c.uniform(0.55, 1.0, 3)
+    swap = torch.rand(c.n, generator=c.g) < 0.3  # sometimes dark shape on bright background
+    p["bg"], p["fg"], p["swap"] = torch.where(swap[:, None], fg, bg), torch.where(swap[:, None], bg, fg), swap
+    for key, lo, hi in (("grad_dir", 0, 2 * math.pi), ("grad_amp", 0.0, 0.12), ("stripe_phase", 0, 2 * math.pi),
+                        ("stripe_angle", 0, math.pi)):
+        p[key] = c.uniform(lo, hi)
+    return p
+
+
+def _shape_alpha(spec: ShapeSpec, c: _Canvas, p: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Coverage of the main shape in its style (no random draws)."""
+    scale, angle = p["scale"], p["angle"]
+    u, v = c.local(p["cx"], p["cy"], scale, angle)
     sdf = _shape_sdf(spec.labels, u, v)
-    px = (pixel / scale.view(-1, 1, 1)).expand(n, SIZE, SIZE)
+    px = (_PIXEL / scale.view(-1, 1, 1)).expand(c.n, SIZE, SIZE)
     alpha = torch.empty_like(sdf)
     st = spec.styles
     m = st == 0  # filled
@@ -195,50 +203,60 @@ def render(spec: ShapeSpec, generator: torch.Generator) -> torch.Tensor:
     alpha[m] = _coverage(sdf[m].abs() - 0.14, px[m])
     m = st == 2  # striped: the filled shape cut by stripes of random orientation
     if m.any():
-        sa_, ca_ = torch.sin(stripe_angle[m]).view(-1, 1, 1), torch.cos(stripe_angle[m]).view(-1, 1, 1)
+        sa_, ca_ = torch.sin(p["stripe_angle"][m]).view(-1, 1, 1), torch.cos(p["stripe_angle"][m]).view(-1, 1, 1)
         w = ca_ * u[m] + sa_ * v[m]
-        stripes = torch.sigmoid(torch.sin(w * 11.0 + stripe_phase[m].view(-1, 1, 1)) / 0.3)
+        stripes = torch.sigmoid(torch.sin(w * 11.0 + p["stripe_phase"][m].view(-1, 1, 1)) / 0.3)
         alpha[m] = _coverage(sdf[m], px[m]) * stripes
     m = st == 3  # pair: two smaller filled copies side by side along the shape's axis
     if m.any():
-        small = scale[m] * 0.55
-        off = 0.45 * scale[m] / 0.5
-        a_ = angle[m]
-        cxm, cym = cx[m], cy[m]
-        u1, v1 = local(cxm - off * torch.cos(a_), cym - off * torch.sin(a_), small, a_, m)
-        u2, v2 = local(cxm + off * torch.cos(a_), cym + off * torch.sin(a_), small, a_, m)
-        pxs = pixel / small.view(-1, 1, 1)
-        lab = spec.labels[m]
-        alpha[m] = torch.maximum(
-            _coverage(_shape_sdf(lab, u1, v1), pxs), _coverage(_shape_sdf(lab, u2, v2), pxs)
-        )
-
+        alpha[m] = _pair_alpha(spec.labels[m], c, p, m)
     if spec.hidden is not None:
         alpha = alpha * (~spec.hidden).view(-1, 1, 1)
+    return alpha
 
-    # spurious cue: a small glyph in one of the four corners
+
+def _pair_alpha(labels: torch.Tensor, c: _Canvas, p: dict[str, torch.Tensor], m: torch.Tensor) -> torch.Tensor:
+    small = p["scale"][m] * 0.55
+    off = 0.45 * p["scale"][m] / 0.5
+    a_, cxm, cym = p["angle"][m], p["cx"][m], p["cy"][m]
+    u1, v1 = c.local(cxm - off * torch.cos(a_), cym - off * torch.sin(a_), small, a_, m)
+    u2, v2 = c.local(cxm + off * torch.cos(a_), cym + off * torch.sin(a_), small, a_, m)
+    pxs = _PIXEL / small.view(-1, 1, 1)
+    return torch.maximum(_coverage(_shape_sdf(labels, u1, v1), pxs), _coverage(_shape_sdf(labels, u2, v2), pxs))
+
+
+def _cue(spec: ShapeSpec, c: _Canvas, swap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The spurious cue, a small glyph in one of the four corners: its coverage and colour."""
     has_cue = spec.cues >= 0
-    corner = torch.randint(0, 4, (n,), generator=g)
-    gx = torch.where(corner % 2 == 0, -0.74, 0.74) + uniform(-0.04, 0.04)
-    gy = torch.where(corner // 2 == 0, -0.74, 0.74) + uniform(-0.04, 0.04)
-    gscale = uniform(0.2, 0.24)
-    gu, gv = local(gx, gy, gscale, torch.zeros(n))
-    cue_alpha = torch.zeros_like(sdf)
+    corner = torch.randint(0, 4, (c.n,), generator=c.g)
+    gx = torch.where(corner % 2 == 0, -0.74, 0.74) + c.uniform(-0.04, 0.04)
+    gy = torch.where(corner // 2 == 0, -0.74, 0.74) + c.uniform(-0.04, 0.04)
+    gscale = c.uniform(0.2, 0.24)
+    gu, gv = c.local(gx, gy, gscale, torch.zeros(c.n))
+    cue_alpha = torch.zeros(c.n, SIZE, SIZE)
     if has_cue.any():
         cue_alpha[has_cue] = _coverage(
             _glyph_sdf(spec.cues[has_cue], gu[has_cue], gv[has_cue]),
-            pixel / gscale[has_cue].view(-1, 1, 1),
+            _PIXEL / gscale[has_cue].view(-1, 1, 1),
         )
-    cue_colour = uniform(0.55, 1.0, 3)
-    cue_colour = torch.where(swap[:, None], 1.0 - cue_colour, cue_colour)
+    cue_colour = c.uniform(0.55, 1.0, 3)
+    return cue_alpha, torch.where(swap[:, None], 1.0 - cue_colour, cue_colour)
 
-    gradient = grad_amp.view(-1, 1, 1) * (
-        torch.cos(grad_dir).view(-1, 1, 1) * xx + torch.sin(grad_dir).view(-1, 1, 1) * yy
+
+def render(spec: ShapeSpec, generator: torch.Generator) -> torch.Tensor:
+    """Draw images (N, 3, 32, 32) in [0, 1] for ``spec`` with random pose, colours and background."""
+    c = _Canvas(spec.labels.numel(), generator)
+    p = _pose(c)
+    alpha = _shape_alpha(spec, c, p)
+    cue_alpha, cue_colour = _cue(spec, c, p["swap"])
+    n = c.n
+    gradient = p["grad_amp"].view(-1, 1, 1) * (
+        torch.cos(p["grad_dir"]).view(-1, 1, 1) * c.xx + torch.sin(p["grad_dir"]).view(-1, 1, 1) * c.yy
     )
-    img = bg.view(n, 3, 1, 1) + gradient.unsqueeze(1)
-    img = img * (1 - alpha.unsqueeze(1)) + fg.view(n, 3, 1, 1) * alpha.unsqueeze(1)
+    img = p["bg"].view(n, 3, 1, 1) + gradient.unsqueeze(1)
+    img = img * (1 - alpha.unsqueeze(1)) + p["fg"].view(n, 3, 1, 1) * alpha.unsqueeze(1)
     img = img * (1 - cue_alpha.unsqueeze(1)) + cue_colour.view(n, 3, 1, 1) * cue_alpha.unsqueeze(1)
-    img = img + 0.02 * torch.randn(img.shape, generator=g)
+    img = img + 0.02 * torch.randn(img.shape, generator=c.g)
     return img.clamp_(0.0, 1.0)
 
 

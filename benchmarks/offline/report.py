@@ -24,74 +24,93 @@ def _mean_per_block(runs: list[dict], key: str) -> dict[str, float] | None:
     return {b: sum(d.get(b, 0.0) for d in per_seed) / len(per_seed) for b in per_seed[0]}
 
 
+def _method_entry(runs: list[dict[str, Any]], method: str) -> dict[str, Any]:
+    """One method's runs over the seeds: test accuracies (percent) with mean ± s.e., the selected (lr, epoch),
+    worst-group accuracy where there are groups, and the automatic methods' per-block diagnostics."""
+    accs = [100.0 * r["test_acc"] for r in runs]
+    mean, se, _ = mean_se(accs)
+    m: dict[str, Any] = {
+        "accs": accs,
+        "mean": mean,
+        "stderr": se,
+        "lr": [r["lr"] for r in runs],
+        "epoch": [r["epoch"] for r in runs],
+        "val_accs": [100.0 * r["val_acc"] for r in runs],
+    }
+    worst = [r.get("worst_group_acc") for r in runs]
+    if worst and all(w is not None for w in worst):
+        wv = [100.0 * w for w in worst]
+        wm, ws, _ = mean_se(wv)
+        m["worst_group"] = {"accs": wv, "mean": wm, "stderr": ws}
+    # which blocks the automatic methods favoured, averaged over seeds
+    diag_key = {"auto_rgn": "block_multipliers", "auto_snr": "trained_fraction"}.get(method)
+    per_block = _mean_per_block(runs, diag_key) if diag_key else None
+    if per_block is not None:
+        m[diag_key] = per_block
+    return m
+
+
+def _shift_entry(cfg: OfflineConfig, results: dict[Task, dict[str, Any]], shift: Any) -> dict[str, Any]:
+    """One shift's row: every method's entry and the best method / block."""
+    entry: dict[str, Any] = {"type": shift.kind, "description": shift.description, "methods": {}}
+    for method in cfg.methods:
+        runs = [results[Task(shift, s, method)] for s in cfg.seeds if Task(shift, s, method) in results]
+        entry["methods"][method] = _method_entry(runs, method)
+    methods = entry["methods"]
+    tuned = [mm for mm in cfg.methods if mm != "none"]
+    entry["best"] = max(tuned, key=lambda mm: methods[mm]["mean"])
+    blocks = [b for b in BLOCKS if b in cfg.methods]
+    if blocks:
+        entry["best_block"] = max(blocks, key=lambda b: methods[b]["mean"])
+    if any("worst_group" in m for m in methods.values()):
+        entry["best_worst_group"] = max(tuned, key=lambda mm: methods[mm].get("worst_group", {}).get("mean", -1))
+    return entry
+
+
+def _judge_shift(entry: dict[str, Any]) -> None:
+    # the paper's "first block" is conv1 + layer1 (official code: "conv1+layer1" on ImageNet-C,
+    # "conv1+block1" on CIFAR-10-C); this split has stem and layer1, so either counts
+    expected = {"input": ["stem", "layer1"], "feature": ["layer2", "layer3", "layer4"], "output": ["fc"]}
+    entry["paper_expects"] = expected[entry["type"]]
+    entry["best_block_as_paper"] = entry.get("best_block") in expected[entry["type"]]
+    all_mean = entry["methods"]["all"]["mean"]
+    bb = entry.get("best_block")
+    entry["best_block_minus_all"] = entry["methods"][bb]["mean"] - all_mean if bb else None
+
+
+def _judge_noise(name: str, entry: dict[str, Any]) -> None:
+    block = name[len("noise_") :]
+    entry["perturbed_block"] = block
+    entry["perturbed_block_wins"] = entry.get("best_block") == block
+    entry["perturbed_block_minus_all"] = entry["methods"][block]["mean"] - entry["methods"]["all"]["mean"]
+
+
+def _setup(cfg: OfflineConfig, raw: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "seeds": list(cfg.seeds),
+        "labeled_target_per_class": cfg.per_class,
+        "val_per_class": cfg.val_per_class,
+        "test_per_class": cfg.test_per_class,
+        "lrs": list(cfg.lrs),
+        "epochs": cfg.epochs,
+        "quick": cfg.quick,
+        "protocol": cfg.protocol().to_dict(),
+        "source": {k: v for k, v in raw["source"].items() if k != "config"},
+        "pretrain": cfg.pretrain.to_dict(),
+    }
+
+
 def summarise(raw: dict[str, Any]) -> dict[str, Any]:
     cfg: OfflineConfig = raw["config"]
-    results: dict[Task, dict[str, Any]] = raw["results"]
-    rows: dict[str, Any] = {}
-    for shift in cfg.shifts():
-        entry: dict[str, Any] = {"type": shift.kind, "description": shift.description, "methods": {}}
-        has_groups = False
-        for method in cfg.methods:
-            runs = [results[Task(shift, s, method)] for s in cfg.seeds if Task(shift, s, method) in results]
-            accs = [100.0 * r["test_acc"] for r in runs]
-            mean, se, _ = mean_se(accs)
-            m: dict[str, Any] = {
-                "accs": accs,
-                "mean": mean,
-                "stderr": se,
-                "lr": [r["lr"] for r in runs],
-                "epoch": [r["epoch"] for r in runs],
-                "val_accs": [100.0 * r["val_acc"] for r in runs],
-            }
-            worst = [r.get("worst_group_acc") for r in runs]
-            if worst and all(w is not None for w in worst):
-                has_groups = True
-                wv = [100.0 * w for w in worst]
-                wm, ws, _ = mean_se(wv)
-                m["worst_group"] = {"accs": wv, "mean": wm, "stderr": ws}
-            # which blocks the automatic methods favoured, averaged over seeds
-            diag_key = {"auto_rgn": "block_multipliers", "auto_snr": "trained_fraction"}.get(method)
-            per_block = _mean_per_block(runs, diag_key) if diag_key else None
-            if per_block is not None:
-                m[diag_key] = per_block
-            entry["methods"][method] = m
-        tuned = [mm for mm in cfg.methods if mm != "none"]
-        entry["best"] = max(tuned, key=lambda mm: entry["methods"][mm]["mean"])
-        blocks = [b for b in BLOCKS if b in cfg.methods]
-        if blocks:
-            entry["best_block"] = max(blocks, key=lambda b: entry["methods"][b]["mean"])
-        if has_groups:
-            entry["best_worst_group"] = max(tuned, key=lambda mm: entry["methods"][mm].get("worst_group", {}).get("mean", -1))
-        rows[shift.name] = entry
+    rows = {shift.name: _shift_entry(cfg, raw["results"], shift) for shift in cfg.shifts()}
     shifts = {k: v for k, v in rows.items() if v["type"] != "block-noise"}
     noise = {k: v for k, v in rows.items() if v["type"] == "block-noise"}
-    # the paper's "first block" is conv1 + layer1 (official code: "conv1+layer1" on ImageNet-C,
-    # "conv1+block1" on CIFAR-10-C); surgical_optim splits it into stem and layer1, so either counts
-    expected = {"input": ["stem", "layer1"], "feature": ["layer2", "layer3", "layer4"], "output": ["fc"]}
-    for name, entry in shifts.items():
-        entry["paper_expects"] = expected[entry["type"]]
-        entry["best_block_as_paper"] = entry.get("best_block") in expected[entry["type"]]
-        all_mean = entry["methods"]["all"]["mean"]
-        bb = entry.get("best_block")
-        entry["best_block_minus_all"] = entry["methods"][bb]["mean"] - all_mean if bb else None
+    for entry in shifts.values():
+        _judge_shift(entry)
     for name, entry in noise.items():
-        block = name[len("noise_") :]
-        entry["perturbed_block"] = block
-        entry["perturbed_block_wins"] = entry.get("best_block") == block
-        entry["perturbed_block_minus_all"] = entry["methods"][block]["mean"] - entry["methods"]["all"]["mean"]
+        _judge_noise(name, entry)
     return {
-        "setup": {
-            "seeds": list(cfg.seeds),
-            "labeled_target_per_class": cfg.per_class,
-            "val_per_class": cfg.val_per_class,
-            "test_per_class": cfg.test_per_class,
-            "lrs": list(cfg.lrs),
-            "epochs": cfg.epochs,
-            "quick": cfg.quick,
-            "protocol": cfg.protocol().to_dict(),
-            "source": {k: v for k, v in raw["source"].items() if k != "config"},
-            "pretrain": cfg.pretrain.to_dict(),
-        },
+        "setup": _setup(cfg, raw),
         "shifts": shifts,
         "block_noise": noise,
         "two_layer": raw["two_layer"],
@@ -167,15 +186,12 @@ def _verdicts(summary: dict[str, Any]) -> list[str]:
     return out
 
 
-def write_outputs(raw: dict[str, Any], *, log=print) -> dict[str, Any]:
-    cfg: OfflineConfig = raw["config"]
-    out = Path(cfg.out_dir)
-    summary = summarise(raw)
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
-    methods = list(cfg.methods)
+def _intro(summary: dict[str, Any], quick: bool) -> list[str]:
+    """Title, setup and timing of ``table.md``."""
     s = summary["setup"]
-    md = [
-        "# Surgical fine-tuning, offline reproduction" + (" (QUICK MODE: not meaningful)" if cfg.quick else ""),
+    timing = summary.get("from_scratch_timing")
+    return [
+        "# Surgical fine-tuning, offline reproduction" + (" (QUICK MODE: not meaningful)" if quick else ""),
         "",
         f"Target-test accuracy (%), mean ± standard error over seeds {s['seeds']}; "
         f"{s['labeled_target_per_class']} labeled target images per class, {s['val_per_class']}/class validation "
@@ -186,15 +202,17 @@ def write_outputs(raw: dict[str, Any], *, log=print) -> dict[str, Any]:
         f"Wall time of this invocation: {summary['wall_time_s']:.0f} s "
         f"({summary['runs_cached']} of {summary['runs_total']} runs reused from the cache)."
         + (
-            f" Measured from scratch (pre-training included, {summary['from_scratch_timing']['workers']} workers, "
-            f"{summary['from_scratch_timing']['cpu_count']} CPUs): {summary['from_scratch_timing']['wall_s']:.0f} s "
-            f"on {summary['from_scratch_timing']['date']}."
-            if summary.get("from_scratch_timing")
+            f" Measured from scratch (pre-training included, {timing['workers']} workers, "
+            f"{timing['cpu_count']} CPUs): {timing['wall_s']:.0f} s on {timing['date']}."
+            if timing
             else ""
         ),
-        "",
-        markdown_table(summary, methods),
-        "",
+    ]
+
+
+def _notes(summary: dict[str, Any], two_layer: dict[str, Any]) -> list[str]:
+    """The rows' descriptions, the verdicts and the two-layer check of ``table.md``."""
+    return [
         "## Rows",
         "",
         *[f"- `{n}` ({e['type']}): {e['description']}." for n, e in {**summary["shifts"], **summary["block_noise"]}.items()],
@@ -211,12 +229,21 @@ def write_outputs(raw: dict[str, Any], *, log=print) -> dict[str, Any]:
         "## Two-layer theory check",
         "",
         "Population target loss relative to the unadapted source model (lower is better), mean ± s.e. over "
-        f"{len(raw['two_layer']['config']['seeds'])} seeds; d = {raw['two_layer']['config']['d']}, "
-        f"k = {raw['two_layer']['config']['k']} hidden ReLU units.",
+        f"{len(two_layer['config']['seeds'])} seeds; d = {two_layer['config']['d']}, "
+        f"k = {two_layer['config']['k']} hidden ReLU units.",
         "",
-        two_layer_table(raw["two_layer"]),
+        two_layer_table(two_layer),
         "",
     ]
+
+
+def write_outputs(raw: dict[str, Any], *, log=print) -> dict[str, Any]:
+    cfg: OfflineConfig = raw["config"]
+    out = Path(cfg.out_dir)
+    summary = summarise(raw)
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
+    md = [*_intro(summary, cfg.quick), "", markdown_table(summary, list(cfg.methods)), "",
+          *_notes(summary, raw["two_layer"])]
     atomic_write_text(out / "table.md", "\n".join(md))
     try:
         from .plots import plot_all

@@ -213,15 +213,38 @@ def _theory_path(cfg: OfflineConfig) -> Path:
 
 def run(cfg: OfflineConfig, *, progress: bool = True, log=print) -> dict[str, Any]:
     """Pre-train (or load) the source model, run all missing runs, return the raw results."""
+    started = time.perf_counter()
+    cache_dir = Path(cfg.out_dir) / "cache"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(max(1, cfg.workers))
+    source_path, source_info = _source_model(cfg, cache_dir, progress, log)
+    cfg, calibration = _calibrate(cfg, cache_dir, source_path, log)
+    tasks = [Task(shift, seed, method) for shift in cfg.shifts() for seed in cfg.seeds for method in cfg.methods]
+    results, todo = _cached_runs(cfg, source_path.stem, tasks)
+    theory_path = _theory_path(cfg)
+    theory = read_json(theory_path) if theory_path.exists() else None
+    log(f"{len(tasks)} runs: {len(results)} cached, {len(todo)} to do" + ("" if theory is None else "; two-layer check cached"))
+    theory = _execute(cfg, todo, results, theory, theory_path, str(source_path), progress)
+    wall = time.perf_counter() - started
+    # everything (pre-training included) computed by this invocation: remember how long it took
+    from_scratch_now = len(todo) == len(tasks) and not source_info.get("cached") and bool(todo)
+    return {
+        "config": cfg,
+        "source": {"path": str(source_path), **source_info},
+        "results": results,
+        "two_layer": theory,
+        "noise_calibration": calibration,
+        "wall_s": wall,
+        "from_scratch": _from_scratch_timing(cfg, cache_dir, wall, len(tasks), from_scratch_now),
+        "runs_cached": len(tasks) - len(todo),
+        "runs_total": len(tasks),
+    }
+
+
+def _source_model(cfg: OfflineConfig, cache_dir: Path, progress: bool, log) -> tuple[Path, dict[str, Any]]:
+    """The cached source checkpoint (pre-trained first when missing, with a progress bar) and its info."""
     from tqdm.auto import tqdm
 
-    started = time.perf_counter()
-    out_dir = Path(cfg.out_dir)
-    cache_dir = out_dir / "cache"
-    cache_dir.mkdir(parents=True, exist_ok=True)
-
-    # 1. source model
-    torch.set_num_threads(max(1, cfg.workers))
     bar = None
 
     def pre_progress(step: int, total: int, loss: float) -> None:
@@ -237,27 +260,32 @@ def run(cfg: OfflineConfig, *, progress: bool = True, log=print) -> dict[str, An
     source_path, source_info = load_or_pretrain(cfg.pretrain, cache_dir, pre_progress)
     if bar is not None:
         bar.close()
-    source_key = source_path.stem
     log(
         f"source model: {source_path} (source val accuracy {source_info['source_val_acc']:.4f}, "
         f"{'cached' if source_info.get('cached') else 'pre-trained in %.0f s' % source_info['seconds']})"
     )
+    return source_path, source_info
 
-    # 2. block-noise calibration (cached with the source model)
-    calibration = None
-    if cfg.noise_scales is None:
-        cal_path = cache_dir / f"noise-calibration-{source_key}.json"
-        calibration = read_json(cal_path) if cal_path.exists() else None
-        if calibration is None:
-            calibration = calibrate_noise(
-                load_source(source_path, cfg.pretrain), absent=cfg.pretrain.absent, cue_agree=cfg.pretrain.cue_agree
-            )
-            atomic_write_text(cal_path, json.dumps(calibration, indent=1))
-        cfg = replace(cfg, noise_scales={b: v["scale"] for b, v in calibration.items()})
-        log("block-noise scales (x weight std): " + ", ".join(f"{b} {v['scale']:g}" for b, v in calibration.items()))
 
-    # 3. runs
-    tasks = [Task(shift, seed, method) for shift in cfg.shifts() for seed in cfg.seeds for method in cfg.methods]
+def _calibrate(cfg: OfflineConfig, cache_dir: Path, source_path: Path, log) -> tuple[OfflineConfig, Any]:
+    """``cfg`` with the block-noise scales (calibrated once per source model, cached) and the calibration."""
+    if cfg.noise_scales is not None:
+        return cfg, None
+    cal_path = cache_dir / f"noise-calibration-{source_path.stem}.json"
+    calibration = read_json(cal_path) if cal_path.exists() else None
+    if calibration is None:
+        calibration = calibrate_noise(
+            load_source(source_path, cfg.pretrain), absent=cfg.pretrain.absent, cue_agree=cfg.pretrain.cue_agree
+        )
+        atomic_write_text(cal_path, json.dumps(calibration, indent=1))
+    log("block-noise scales (x weight std): " + ", ".join(f"{b} {v['scale']:g}" for b, v in calibration.items()))
+    return replace(cfg, noise_scales={b: v["scale"] for b, v in calibration.items()}), calibration
+
+
+def _cached_runs(cfg: OfflineConfig, source_key: str,
+                 tasks: list[Task]) -> tuple[dict[Task, dict[str, Any]], list[tuple[Task, Path]]]:
+    """The finished runs, and the others with their result paths in the order to run them: by (shift, seed)
+    group (data and prefix activations are reused inside a worker), the most expensive methods first."""
     results: dict[Task, dict[str, Any]] = {}
     todo: list[tuple[Task, Path]] = []
     for task in tasks:
@@ -267,72 +295,83 @@ def run(cfg: OfflineConfig, *, progress: bool = True, log=print) -> dict[str, An
             results[task] = cached
         else:
             todo.append((task, path))
-    theory_path = _theory_path(cfg)
-    theory = read_json(theory_path) if theory_path.exists() else None
-    # order: by (shift, seed) group (data and prefix activations are reused inside a worker), the most
-    # expensive methods first within a group
     todo.sort(key=lambda tp: (tasks.index(Task(tp[0].shift, tp[0].seed, cfg.methods[0])), -_COST.get(tp[0].method, 1.0)))
-    todo_was_cached = len(results) > 0
-    log(f"{len(tasks)} runs: {len(results)} cached, {len(todo)} to do" + ("" if theory is None else "; two-layer check cached"))
+    return results, todo
+
+
+def _execute(cfg: OfflineConfig, todo: list[tuple[Task, Path]], results: dict[Task, dict[str, Any]],
+             theory: dict[str, Any] | None, theory_path: Path, source_path: str, progress: bool) -> dict[str, Any]:
+    """Run ``todo`` (into ``results``) and the two-layer check unless cached, in this process or in
+    ``cfg.workers`` worker processes; the two-layer result."""
+    from tqdm.auto import tqdm
 
     pbar = tqdm(total=len(todo) + (theory is None), desc="fine-tuning runs", unit="run", disable=not progress)
-    init_args = (str(source_path), cfg.pretrain.to_dict())
-    if cfg.workers <= 1:
-        _init_worker(*init_args, threads=1)
-        if theory is None:
-            theory = _run_theory(cfg.two_layer, str(theory_path))
-            pbar.update(1)
-        for task, path in todo:
-            results[task] = _run_task(task, cfg, str(path))
-            pbar.set_postfix_str(f"{task.shift.name}/{task.seed}/{task.method}")
-            pbar.update(1)
-    elif todo or theory is None:
-        ctx = get_context("spawn")
-        pool = ProcessPoolExecutor(max_workers=cfg.workers, mp_context=ctx, initializer=_init_worker, initargs=init_args)
-        try:
-            futures = {}
-            if theory is None:
-                futures[pool.submit(_run_theory, cfg.two_layer, str(theory_path))] = None
-            for task, path in todo:
-                futures[pool.submit(_run_task, task, cfg, str(path))] = task
-            pending = set(futures)
-            while pending:
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    task = futures[fut]
-                    value = fut.result()
-                    if task is None:
-                        theory = value
-                    else:
-                        results[task] = value
-                        pbar.set_postfix_str(f"{task.shift.name}/{task.seed}/{task.method}")
-                    pbar.update(1)
-        except BaseException:
-            # Ctrl-C or a failed run: drop the queued runs at once (finished ones are already on disk)
-            pool.shutdown(wait=False, cancel_futures=True)
-            pbar.close()
-            raise
-        pool.shutdown(wait=True)
-    pbar.close()
+    init_args = (source_path, cfg.pretrain.to_dict())
+    try:
+        if cfg.workers <= 1:
+            _init_worker(*init_args, threads=1)
+            theory = _execute_here(cfg, todo, results, theory, theory_path, pbar)
+        elif todo or theory is None:
+            theory = _execute_in_pool(cfg, todo, results, theory, theory_path, pbar, init_args)
+    finally:
+        pbar.close()
     assert theory is not None
-    wall = time.perf_counter() - started
+    return theory
+
+
+def _execute_here(cfg, todo, results, theory, theory_path: Path, pbar) -> dict[str, Any]:
+    if theory is None:
+        theory = _run_theory(cfg.two_layer, str(theory_path))
+        pbar.update(1)
+    for task, path in todo:
+        results[task] = _run_task(task, cfg, str(path))
+        pbar.set_postfix_str(f"{task.shift.name}/{task.seed}/{task.method}")
+        pbar.update(1)
+    return theory
+
+
+def _execute_in_pool(cfg, todo, results, theory, theory_path: Path, pbar, init_args) -> dict[str, Any]:
+    pool = ProcessPoolExecutor(max_workers=cfg.workers, mp_context=get_context("spawn"), initializer=_init_worker,
+                               initargs=init_args)
+    try:
+        futures: dict[Any, Task | None] = {}
+        if theory is None:
+            futures[pool.submit(_run_theory, cfg.two_layer, str(theory_path))] = None
+        for task, path in todo:
+            futures[pool.submit(_run_task, task, cfg, str(path))] = task
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            theory = _collect(done, futures, results, pbar) or theory
+    except BaseException:
+        # Ctrl-C or a failed run: drop the queued runs at once (finished ones are already on disk)
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+    return theory
+
+
+def _collect(done, futures, results, pbar) -> dict[str, Any] | None:
+    """Record finished futures; the two-layer result if it is among them."""
+    theory = None
+    for fut in done:
+        task, value = futures[fut], fut.result()
+        if task is None:
+            theory = value
+        else:
+            results[task] = value
+            pbar.set_postfix_str(f"{task.shift.name}/{task.seed}/{task.method}")
+        pbar.update(1)
+    return theory
+
+
+def _from_scratch_timing(cfg: OfflineConfig, cache_dir: Path, wall: float, runs: int, now: bool) -> Any:
+    """How long the whole experiment took when it last ran from scratch (recorded when ``now``)."""
     timing_path = cache_dir / "from_scratch_timing.json"
-    if not todo_was_cached and not source_info.get("cached") and todo:
-        # everything (pre-training included) was computed by this invocation: remember how long it took
+    if now:
         atomic_write_text(
             timing_path,
-            json.dumps({"wall_s": wall, "runs": len(tasks), "workers": cfg.workers, "cpu_count": os.cpu_count(),
+            json.dumps({"wall_s": wall, "runs": runs, "workers": cfg.workers, "cpu_count": os.cpu_count(),
                         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}),
         )
-    from_scratch = read_json(timing_path) if timing_path.exists() else None
-    return {
-        "config": cfg,
-        "source": {"path": str(source_path), **source_info},
-        "results": results,
-        "two_layer": theory,
-        "noise_calibration": calibration,
-        "wall_s": wall,
-        "from_scratch": from_scratch,
-        "runs_cached": len(tasks) - len(todo),
-        "runs_total": len(tasks),
-    }
+    return read_json(timing_path) if timing_path.exists() else None

@@ -61,10 +61,23 @@ def _losses(W, v, x, y) -> torch.Tensor:
     return ((pred - y) ** 2).mean(1)
 
 
+def _relative(method: str, W0: torch.Tensor, v0: torch.Tensor, train: tuple[torch.Tensor, torch.Tensor],
+              evaluation: tuple[torch.Tensor, torch.Tensor], base: torch.Tensor, cfg: TwoLayerConfig) -> dict[str, Any]:
+    """One method's population target loss relative to the unadapted model's, per seed, with mean ± s.e."""
+    S = len(cfg.seeds)
+    if method == "none":
+        rel = torch.ones(S)
+    else:
+        W, v = _fit(W0, v0, *train, method, cfg.steps, cfg.lr)
+        rel = _losses(W, v, *evaluation) / base
+    rel = rel.double()
+    se = float(rel.std(unbiased=True) / math.sqrt(S)) if S > 1 else 0.0
+    return {"values": rel.tolist(), "mean": float(rel.mean()), "stderr": se}
+
+
 def run_two_layer(cfg: TwoLayerConfig = TwoLayerConfig()) -> dict[str, Any]:
     """Returns ``{"config", "results": {perturbation: {n: {method: {"values", "mean", "stderr"}}}}}``;
     values are population target losses divided by the unadapted model's target loss."""
-    S = len(cfg.seeds)
     gens = [torch.Generator().manual_seed(31_337 + s) for s in cfg.seeds]
     W0 = torch.stack([torch.randn(cfg.k, cfg.d, generator=g) / math.sqrt(cfg.d) for g in gens])
     v0 = torch.stack([torch.randn(cfg.k, generator=g) / math.sqrt(cfg.k) for g in gens])
@@ -87,15 +100,5 @@ def run_two_layer(cfg: TwoLayerConfig = TwoLayerConfig()) -> dict[str, Any]:
         results[pert] = {}
         for n in cfg.ns:
             x, y = draw(n)
-            by_m: dict[str, Any] = {}
-            for m in methods:
-                if m == "none":
-                    rel = torch.ones(S)
-                else:
-                    W, v = _fit(W0, v0, x, y, m, cfg.steps, cfg.lr)
-                    rel = _losses(W, v, x_eval, y_eval) / base
-                rel = rel.double()
-                se = float(rel.std(unbiased=True) / math.sqrt(S)) if S > 1 else 0.0
-                by_m[m] = {"values": rel.tolist(), "mean": float(rel.mean()), "stderr": se}
-            results[pert][str(n)] = by_m
+            results[pert][str(n)] = {m: _relative(m, W0, v0, (x, y), (x_eval, y_eval), base, cfg) for m in methods}
     return {"config": cfg.to_dict(), "results": results}

@@ -67,15 +67,16 @@ def method_label(method: str) -> str:
     }.get(method, method.replace("block:", "Block ") if method.startswith("block:") else method)
 
 
-def summarise(records: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
-    """{(dataset, method): {"test": Cell, "worst": Cell, "family": str, "selected": [per-seed picks]}}."""
+def _picks(records: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    """Per (variant, method): the selected run of every seed (a variant recorded under several configs is
+    shown once per config)."""
     grouped: dict[tuple[str, str, str, int], list[dict]] = defaultdict(list)
     for r in records:
         grouped[(r["dataset"], r["config_id"], r["method"], r["seed"])].append(r)
-    per: dict[tuple[str, str], dict[str, Any]] = defaultdict(lambda: {"picks": [], "family": None})
     configs: dict[str, set[str]] = defaultdict(set)
-    for (ds, cfg, method, seed), runs in grouped.items():
+    for ds, cfg, _method, _seed in grouped:
         configs[ds].add(cfg)
+    per: dict[tuple[str, str], dict[str, Any]] = defaultdict(lambda: {"picks": [], "family": None})
     for (ds, cfg, method, seed), runs in sorted(grouped.items(), key=lambda kv: str(kv[0])):
         name = ds if len(configs[ds]) == 1 else f"{ds} [{cfg[:6]}]"
         pick = select(runs)
@@ -84,40 +85,48 @@ def summarise(records: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, 
         entry = per[(name, method)]
         entry["family"] = runs[0].get("family", ds.split("/")[0])
         entry["picks"].append({"seed": seed, "block_order": runs[0].get("block_order"), **pick})
-    # family averages (e.g. CIFAR-10-C over its corruptions): per seed, the mean over the family's variants
-    # (only seeds present in every variant), then mean ± s.e. over seeds
+    return per
+
+
+def _mean_over_variants(per: dict[tuple[str, str], dict[str, Any]], names: set[str], method: str) -> list[dict]:
+    """Per seed present in every variant of ``names``: the mean of the variants' selected accuracies."""
+    by_seed: dict[int, list[dict]] = defaultdict(list)
+    for n in names:
+        for p in per.get((n, method), {"picks": []})["picks"]:
+            by_seed[p["seed"]].append(p)
+
+    def avg(ps: list[dict], k: str) -> float | None:
+        return None if any(p.get(k) is None for p in ps) else sum(p[k] for p in ps) / len(ps)
+
+    return [{"seed": seed, "test_acc": avg(ps, "test_acc"), "test_worst": avg(ps, "test_worst"), "lr": None,
+             "variants": len(ps)} for seed, ps in sorted(by_seed.items()) if len(ps) == len(names)]
+
+
+def _family_means(per: dict[tuple[str, str], dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    """Family averages (e.g. CIFAR-10-C over its corruptions): per seed, the mean over the family's variants
+    (only seeds present in every variant), then mean ± s.e. over seeds."""
     fam_variants: dict[str, set[str]] = defaultdict(set)
     for (name, _m), e in per.items():
         fam_variants[e["family"]].add(name)
+    means = {}
     for fam, names in fam_variants.items():
         if len(names) < 2:
             continue
-        methods = {m for (n, m) in per if n in names}
-        for m in methods:
-            by_seed: dict[int, list[dict]] = defaultdict(list)
-            for n in names:
-                for p in per.get((n, m), {"picks": []})["picks"]:
-                    by_seed[p["seed"]].append(p)
-            picks = []
-            for seed, ps in sorted(by_seed.items()):
-                if len(ps) != len(names):
-                    continue
-                avg = lambda k, ps=ps: (None if any(p.get(k) is None for p in ps)  # noqa: E731
-                                        else sum(p[k] for p in ps) / len(ps))
-                picks.append({"seed": seed, "test_acc": avg("test_acc"), "test_worst": avg("test_worst"),
-                              "lr": None, "variants": len(ps)})
+        for m in {m for (n, m) in per if n in names}:
+            picks = _mean_over_variants(per, names, m)
             if picks:
-                per[(f"{fam} (mean of {len(names)})", m)] = {"family": fam, "picks": picks, "aggregate": True}
-    out = {}
-    for k, e in per.items():
-        out[k] = {
-            "family": e["family"],
-            "aggregate": e.get("aggregate", False),
-            "test": Cell.of([p.get("test_acc") for p in e["picks"]]),
-            "worst": Cell.of([p.get("test_worst") for p in e["picks"]]),
-            "selected": e["picks"],
-        }
-    return out
+                means[(f"{fam} (mean of {len(names)})", m)] = {"family": fam, "picks": picks, "aggregate": True}
+    return means
+
+
+def summarise(records: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    """{(dataset, method): {"test": Cell, "worst": Cell, "family": str, "selected": [per-seed picks]}}."""
+    per = _picks(records)
+    per.update(_family_means(per))
+    return {k: {"family": e["family"], "aggregate": e.get("aggregate", False),
+                "test": Cell.of([p.get("test_acc") for p in e["picks"]]),
+                "worst": Cell.of([p.get("test_worst") for p in e["picks"]]), "selected": e["picks"]}
+            for k, e in per.items()}
 
 
 def _method_order(methods: Iterable[str]) -> list[str]:

@@ -64,20 +64,7 @@ class Split:
         batch (``split``, training: the global batches are unchanged) or every world-th whole batch
         (evaluation). A share may be empty (a last batch smaller than the world)."""
         if self.tensors is not None:
-            x, y, g = self.tensors
-            n = len(y)
-            order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-            for k, start in enumerate(range(0, n, batch_size)):
-                idx = order[start : start + batch_size]
-                if start > 0 and len(idx) < min_last:
-                    break
-                if shard is not None:
-                    if split:
-                        idx = idx[share(len(idx), *shard)]
-                    elif k % shard[1] != shard[0]:
-                        continue
-                yield x[idx], y[idx], None if g is None else g[idx]
-            return
+            return self._tensor_batches(batch_size, shuffle, generator, min_last, shard, split)
         loader = self.loader
         if shuffle and isinstance(self.loader.dataset, Dataset) and getattr(self, "_dataset_batch", None):  # type: ignore[union-attr]
             # the permutation the tensor path draws: the same data as a Dataset or as tensors, the same batches
@@ -85,22 +72,46 @@ class Split:
             loader = DataLoader(self.loader.dataset, batch_size=batch_size, sampler=order)  # type: ignore[union-attr]
         if shard is not None:
             loader = shard_loader(loader, *shard, split)  # type: ignore[arg-type]
-        empty: Batch | None = None
-        for item in loader:  # type: ignore[union-attr]
-            if item is None:  # this rank's share of a batch smaller than the world
-                if empty is None:
-                    raise ValueError("a training batch smaller than the number of ranks came first")
-                yield empty
+        return _loader_batches(loader, sharded=shard is not None)
+
+    def _tensor_batches(self, batch_size: int, shuffle: bool, generator: torch.Generator | None, min_last: int,
+                        shard: tuple[int, int] | None, split: bool) -> Iterator[Batch]:
+        x, y, g = self.tensors  # type: ignore[misc]
+        n = len(y)
+        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        for k, start in enumerate(range(0, n, batch_size)):
+            idx = order[start : start + batch_size]
+            if start > 0 and len(idx) < min_last:
+                break
+            if shard is not None and split:
+                idx = idx[share(len(idx), *shard)]
+            elif shard is not None and k % shard[1] != shard[0]:
                 continue
-            if isinstance(item, dict):
-                xb, yb, gb = item["x"], item["y"], item.get("group")
-            else:
-                xb, yb = item[0], item[1]
-                gb = item[2] if len(item) > 2 else None
-            batch = (xb, torch.as_tensor(yb).long(), None if gb is None else torch.as_tensor(gb).long())
-            if shard is not None:
-                empty = tuple(None if t is None else t[:0] for t in batch)  # type: ignore[assignment]
-            yield batch
+            yield x[idx], y[idx], None if g is None else g[idx]
+
+
+def _as_batch(item: Any) -> Batch:
+    """A loader's item (``(x, y[, group])`` or a dict with keys x, y[, group]) as tensors."""
+    if isinstance(item, dict):
+        xb, yb, gb = item["x"], item["y"], item.get("group")
+    else:
+        xb, yb = item[0], item[1]
+        gb = item[2] if len(item) > 2 else None
+    return xb, torch.as_tensor(yb).long(), None if gb is None else torch.as_tensor(gb).long()
+
+
+def _loader_batches(loader: Any, sharded: bool) -> Iterator[Batch]:
+    empty: Batch | None = None
+    for item in loader:
+        if item is None:  # this rank's share of a batch smaller than the world
+            if empty is None:
+                raise ValueError("a training batch smaller than the number of ranks came first")
+            yield empty
+            continue
+        batch = _as_batch(item)
+        if sharded:
+            empty = tuple(None if t is None else t[:0] for t in batch)  # type: ignore[assignment]
+        yield batch
 
 
 def share(n: int, rank: int, world: int) -> slice:
