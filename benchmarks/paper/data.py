@@ -4,6 +4,7 @@ reads (tensors when small enough, which enables the frozen-prefix precompute; el
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -12,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..datasets import BenchmarkData, WithGroups, load_dataset
 from .config import DataConfig
 
-__all__ = ["load_variant", "make_loader", "prepare_data"]
+__all__ = ["load_variant", "make_loader", "prepare_data", "TargetSplits"]
 
 
 def load_variant(cfg: DataConfig, variant: str) -> BenchmarkData:
@@ -53,20 +54,32 @@ def _materialise(ds: Dataset, workers: int, batch_size: int = 256) -> tuple[torc
     return out + ((torch.cat(gs).long(),) if gs else ())
 
 
+@dataclass(frozen=True)
+class TargetSplits:
+    """The target splits in a form ``protocol.finetune`` accepts."""
+
+    train: Any
+    val: Any
+    test: Any
+    #: tensors (reused by every run of the variant; the frozen prefix can be precomputed), else DataLoaders
+    in_memory: bool
+
+
 def prepare_data(data: BenchmarkData, *, seed: int, batch_size: int, eval_batch_size: int, workers: int,
-                 max_tensor_bytes: int) -> tuple[Any, Any, Any]:
-    """(train, val, test) in a form ``protocol.finetune`` accepts (see the module docstring)."""
+                 max_tensor_bytes: int) -> TargetSplits:
+    """Tensors when the three splits fit in ``max_tensor_bytes``, else DataLoaders with worker processes (the
+    training loader shuffled with a generator seeded by the run seed)."""
     splits = [data.target_train, data.target_val, data.target_test]
     if data.num_groups:
         splits = [WithGroups(s) for s in splits]
     n = sum(len(s) for s in splits)
     nbytes = n * math.prod(data.input_size) * 4
     if nbytes <= max_tensor_bytes:
-        return tuple(_materialise(s, workers) for s in splits)  # type: ignore[return-value]
+        return TargetSplits(*(_materialise(s, workers) for s in splits), in_memory=True)
     g = torch.Generator().manual_seed(seed)
     pin = torch.cuda.is_available()
     train = DataLoader(splits[0], batch_size=batch_size, shuffle=True, generator=g, num_workers=workers,
                        pin_memory=pin)
     val, test = (DataLoader(s, batch_size=eval_batch_size, shuffle=False, num_workers=workers, pin_memory=pin)
                  for s in splits[1:])
-    return train, val, test
+    return TargetSplits(train, val, test, in_memory=False)

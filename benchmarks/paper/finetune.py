@@ -17,6 +17,7 @@ from torch import nn
 
 from .. import protocol
 from .config import FinetuneConfig
+from .data import TargetSplits
 from .models import paper_block_matcher
 from .plan import Run
 
@@ -41,13 +42,12 @@ def protocol_config(cfg: FinetuneConfig, lr: float | None, arch: str, device: to
 
 
 def finetune(run: Run, model: nn.Module, cfg: FinetuneConfig, arch: str, device: torch.device,
-             prepared: tuple[Any, Any, Any], *, prefix_cache: protocol.PrefixCache | None = None,
+             prepared: TargetSplits, *, prefix_cache: protocol.PrefixCache | None = None,
              progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """The row entries of one run (``best``, ``val_curve``, ``extra``); ``model`` is not modified (the
     protocol trains a copy)."""
-    train, val, test = prepared
-    res = protocol.finetune(model, run.method, train, val, test, config=protocol_config(cfg, run.lr, arch, device),
-                            seed=run.seed, prefix_cache=prefix_cache,
+    res = protocol.finetune(model, run.method, prepared.train, prepared.val, prepared.test,
+                            config=protocol_config(cfg, run.lr, arch, device), seed=run.seed, prefix_cache=prefix_cache,
                             data_key=run.dataset if prefix_cache is not None else "", progress=progress)
     curve = next(iter(res.val_curves.values()), []) if res.val_curves else []
     groups = None if res.group_accs is None else {k: _percent(v) for k, v in res.group_accs.items()}

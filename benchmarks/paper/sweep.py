@@ -23,7 +23,7 @@ from ..datasets import BenchmarkData
 from ..protocol import PrefixCache, method_names
 from ..runs import ResultStore, config_hash
 from .config import HarnessConfig, UsageError
-from .data import load_variant, prepare_data
+from .data import TargetSplits, load_variant, prepare_data
 from .finetune import finetune
 from .models import build_model, paper_block_matcher
 from .plan import Run, enumerate_runs, shard_runs
@@ -159,24 +159,23 @@ def _run_all(sweep: _Sweep, todo: list[Run], store: ResultStore) -> None:
         if run.dataset != variant:
             variant, prepared, prefix = run.dataset, None, PrefixCache()
         data = sweep.datasets[run.dataset]
-        fresh = prepared or _prepare(sweep.cfg, data, run.seed)
-        if isinstance(fresh[0], tuple):  # tensors: reused by every run of this variant
-            prepared = fresh
+        fresh = prepared if prepared is not None else _prepare(sweep.cfg, data, run.seed)
+        prepared = fresh if fresh.in_memory else None
         # share frozen-prefix activations across runs only for small (CIFAR-size) inputs: for 224-pixel
         # inputs they would take tens of GiB per prefix length
-        share = isinstance(fresh[0], tuple) and data.input_size[-1] <= 64
+        share = fresh.in_memory and data.input_size[-1] <= 64
         record = _run_one(sweep, run, fresh, prefix if share else None)
         if sweep.rank == 0:
             store.append(record)
 
 
-def _prepare(cfg: HarnessConfig, data: BenchmarkData, seed: int) -> tuple[Any, Any, Any]:
+def _prepare(cfg: HarnessConfig, data: BenchmarkData, seed: int) -> TargetSplits:
     ft = cfg.finetune
     return prepare_data(data, seed=seed, batch_size=ft.batch_size, eval_batch_size=ft.eval_batch_size,
                         workers=cfg.data.workers, max_tensor_bytes=cfg.data.max_tensor_bytes)
 
 
-def _run_one(sweep: _Sweep, run: Run, prepared: tuple[Any, Any, Any], prefix: PrefixCache | None) -> dict[str, Any]:
+def _run_one(sweep: _Sweep, run: Run, prepared: TargetSplits, prefix: PrefixCache | None) -> dict[str, Any]:
     """One run and its row."""
     from tqdm.auto import tqdm
 
