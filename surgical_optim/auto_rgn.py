@@ -391,13 +391,8 @@ class AutoRGN(OptimizerWrapper):
     def _load_wrapper_state(self, state: dict[str, Any]) -> None:
         for key in ("multipliers", "rgn_sum", "zero_weight_any", "window_steps", "initialised"):
             target = getattr(self, "_" + key)
-            value = state[key]
-            if value.shape != target.shape:
-                raise ValueError(
-                    f"AutoRGN state has {value.numel()} entries for {key!r} but the optimizer has "
-                    f"{target.numel()} parameters: the checkpoint belongs to a different model"
-                )
-            target.copy_(value.to(device=target.device, dtype=target.dtype))
+            # shapes were checked against the parameters before anything was loaded
+            target.copy_(state[key].to(device=target.device, dtype=target.dtype))
 
 
 def _zero_non_finite(grads: list[torch.Tensor], grad_norms: torch.Tensor, plan: Any) -> None:

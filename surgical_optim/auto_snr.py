@@ -377,12 +377,7 @@ class AutoSNR(OptimizerWrapper):
         }
 
     def _load_wrapper_state(self, state: dict[str, Any]) -> None:
-        n = len(self._params_cache)
-        if state["mask"].numel() != n:
-            raise ValueError(
-                f"AutoSNR state has {state['mask'].numel()} entries but the optimizer has {n} "
-                "parameters: the checkpoint belongs to a different model"
-            )
+        # sizes and shapes were checked against the parameters before anything was loaded
         self._step_count = int(state["step_count"])
         self._calibrated_externally = bool(state["calibrated_externally"])
         self._raw_snr.copy_(state["raw_snr"].to(self._raw_snr))
