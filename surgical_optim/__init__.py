@@ -10,6 +10,8 @@ Public API:
 * ``AutoRGN(optimizer)`` - per-tensor learning rate scaled by the normalised relative gradient norm.
 * ``AutoSNR(optimizer, threshold)`` - freeze tensors whose normalised gradient SNR is below a threshold.
 * ``per_example_gradient_snr(...)`` - per-tensor gradient SNR over the examples of one batch.
+* ``adapt_online(model, optimizer, batches)`` - predict each unlabeled batch, then adapt on it
+  (entropy or MEMO's marginal entropy), with whatever blocks the optimizer holds.
 
 Types: ``BlockMatcher``, ``BlockSelector`` (arguments); ``TrainableReport``/``BlockRow``,
 ``BlockSummary`` (the wrappers' ``block_summary()``), ``NormEvalHandle`` (results);
@@ -31,9 +33,10 @@ from .blocks import (
     trainable_report,
 )
 from .norm import NormEvalHandle, keep_norm_eval
+from .online import adapt_online
 from .snr import per_example_gradient_snr
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "AutoRGN",
@@ -45,6 +48,7 @@ __all__ = [
     "NormEvalHandle",
     "TrainableReport",
     "UnknownBlockError",
+    "adapt_online",
     "block_names",
     "keep_norm_eval",
     "param_groups_by_block",

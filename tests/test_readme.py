@@ -120,7 +120,7 @@ def _shown(parameter: inspect.Parameter) -> str:
     "name",
     [
         "param_groups_by_block", "select_blocks", "block_names", "trainable_report", "keep_norm_eval",
-        "AutoRGN", "AutoSNR", "per_example_gradient_snr",
+        "AutoRGN", "AutoSNR", "per_example_gradient_snr", "adapt_online",
     ],
 )
 def test_readme_api_table_shows_each_signature_with_its_keyword_only_star(name):

@@ -15,7 +15,7 @@ from surgical_optim import AutoRGN, AutoSNR, BlockSummary
 def test_exports_are_the_documented_api():
     assert set(surgical_optim.__all__) == {
         "AutoRGN", "AutoSNR", "BlockMatcher", "BlockRow", "BlockSelector", "BlockSummary",
-        "NormEvalHandle", "TrainableReport", "UnknownBlockError", "block_names", "keep_norm_eval",
+        "NormEvalHandle", "TrainableReport", "UnknownBlockError", "adapt_online", "block_names", "keep_norm_eval",
         "param_groups_by_block", "per_example_gradient_snr", "select_blocks", "trainable_report",
         "__version__",
     }
