@@ -105,6 +105,46 @@ def _err(problem: str, path: Path | None = None) -> DatasetLayoutError:
     return DatasetLayoutError(problem, dataset="BREEDS", layout=BREEDS_LAYOUT, url=BREEDS_URL, path=path)
 
 
+def _read_class_info(p: Path) -> tuple[dict[str, int], dict[str, str]]:
+    """dataset_class_info.json: [[num, wnid, name], ...] -> (wnid -> number, wnid -> name)."""
+    try:
+        info = json.loads(p.read_text())
+        leaf_num = {str(c[1]): int(c[0]) for c in info}
+        leaf_name = {str(c[1]): str(c[2]) for c in info}
+    except (json.JSONDecodeError, TypeError, IndexError, KeyError, ValueError) as e:
+        raise _err(f"malformed dataset_class_info.json ({type(e).__name__}: {e}); expected a list of "
+                   "[class number, wnid, name]", p) from None
+    if not leaf_num:
+        raise _err("dataset_class_info.json lists no classes", p)
+    return leaf_num, leaf_name
+
+
+def _read_edges(p: Path) -> list[tuple[str, str]]:
+    """class_hierarchy.txt: "parent child" per line."""
+    edges: list[tuple[str, str]] = []
+    for ln, line in enumerate(p.read_text().splitlines(), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 2:
+            raise _err(f"malformed class_hierarchy.txt line {ln}: {line!r} (expected '<parent> <child>')", p)
+        edges.append((parts[0], parts[1]))
+    return edges
+
+
+def _read_node_names(p: Path) -> dict[str, str]:
+    """node_names.txt: "wnid\tname" per line."""
+    names: dict[str, str] = {}
+    for ln, line in enumerate(p.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.rstrip("\n").split("\t", 1)
+        if len(parts) != 2:
+            raise _err(f"malformed node_names.txt line {ln}: {line!r} (expected '<wnid>\\t<name>')", p)
+        names[parts[0].strip()] = parts[1].strip()
+    return names
+
+
 class BreedsHierarchy:
     """The BREEDS class hierarchy, parsed from its three files in their published format."""
 
@@ -115,39 +155,13 @@ class BreedsHierarchy:
         for f in HIERARCHY_FILES:
             if not (info_dir / f).is_file():
                 raise _err(f"missing hierarchy file {f} in the BREEDS hierarchy folder {given}")
-        # dataset_class_info.json: [[num, wnid, name], ...]
-        p = info_dir / "dataset_class_info.json"
-        try:
-            info = json.loads(p.read_text())
-            self.leaf_num = {str(c[1]): int(c[0]) for c in info}
-            self.leaf_name = {str(c[1]): str(c[2]) for c in info}
-        except (json.JSONDecodeError, TypeError, IndexError, KeyError, ValueError) as e:
-            raise _err(f"malformed dataset_class_info.json ({type(e).__name__}: {e}); expected a list of "
-                       "[class number, wnid, name]", p) from None
-        if not self.leaf_num:
-            raise _err("dataset_class_info.json lists no classes", p)
+        self.leaf_num, self.leaf_name = _read_class_info(info_dir / "dataset_class_info.json")
         self.leaves = set(self.leaf_num)
-        # class_hierarchy.txt: "parent child" per line
-        p = info_dir / "class_hierarchy.txt"
-        edges: list[tuple[str, str]] = []
-        for ln, line in enumerate(p.read_text().splitlines(), 1):
-            parts = line.split()
-            if not parts:
-                continue
-            if len(parts) != 2:
-                raise _err(f"malformed class_hierarchy.txt line {ln}: {line!r} (expected '<parent> <child>')", p)
-            edges.append((parts[0], parts[1]))
-        # node_names.txt: "wnid\tname"
-        p = info_dir / "node_names.txt"
-        self.node_names: dict[str, str] = {}
-        for ln, line in enumerate(p.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            parts = line.rstrip("\n").split("\t", 1)
-            if len(parts) != 2:
-                raise _err(f"malformed node_names.txt line {ln}: {line!r} (expected '<wnid>\\t<name>')", p)
-            self.node_names[parts[0].strip()] = parts[1].strip()
+        edges = _read_edges(info_dir / "class_hierarchy.txt")
+        self.node_names = _read_node_names(info_dir / "node_names.txt")
+        self._build(edges, root_wnid, info_dir)
 
+    def _build(self, edges: list[tuple[str, str]], root_wnid: str, info_dir: Path) -> None:
         # 1. restrict to the leaves and their ancestors
         parents_all: dict[str, set[str]] = {}
         for a, b in edges:
@@ -308,6 +322,18 @@ def _class_files(folder: Path, wnid: str) -> list[Path]:
     return files
 
 
+def _gather(folder: Path, groups: list[list[str]]) -> tuple[list[Path], np.ndarray]:
+    """The image files of every wnid of ``groups``, labelled by group index."""
+    paths: list[Path] = []
+    labels: list[int] = []
+    for label, wnids in enumerate(groups):
+        for w in wnids:
+            files = _class_files(folder, w)
+            paths.extend(files)
+            labels.extend([label] * len(files))
+    return paths, np.asarray(labels, dtype=np.int64)
+
+
 def load_breeds(
     root: str | Path,
     spec: BreedsSpec | str = LIVING17,
@@ -336,20 +362,10 @@ def load_breeds(
     tf = transform if transform is not None else imagenet_eval_transform()
     ttf = train_transform if train_transform is not None else tf
 
-    def gather(folder: Path, groups: list[list[str]]) -> tuple[list[Path], np.ndarray]:
-        paths: list[Path] = []
-        labels: list[int] = []
-        for label, wnids in enumerate(groups):
-            for w in wnids:
-                files = _class_files(folder, w)
-                paths.extend(files)
-                labels.extend([label] * len(files))
-        return paths, np.asarray(labels, dtype=np.int64)
-
-    s_tr_p, s_tr_y = gather(root / "train", split.source)
-    s_va_p, s_va_y = gather(root / "val", split.source)
-    t_pool_p, t_pool_y = gather(root / "train", split.target)
-    t_te_p, t_te_y = gather(root / "val", split.target)
+    s_tr_p, s_tr_y = _gather(root / "train", split.source)
+    s_va_p, s_va_y = _gather(root / "val", split.source)
+    t_pool_p, t_pool_y = _gather(root / "train", split.target)
+    t_te_p, t_te_y = _gather(root / "val", split.target)
     t_tr, t_va = split_or_layout_error(
         t_pool_y, [target_train_per_class, target_val_per_class], seed,
         options=("target_train_per_class", "target_val_per_class"),

@@ -89,6 +89,37 @@ def _load_npy(path: Path) -> np.ndarray:
         raise _err(f"malformed .npy file ({type(e).__name__}: {e})", path) from None
 
 
+def _severity_arrays(root: Path, corruption: str, severity: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """(all images of the corruption, the labels of ``severity``'s rows, the first of those rows)."""
+    labels_all = _load_npy(root / "labels.npy")
+    images = _load_npy(root / f"{corruption}.npy")
+    n = images.shape[0] if images.ndim else 0
+    if images.ndim != 4 or images.shape[1:] != (32, 32, 3) or images.dtype != np.uint8:
+        raise _err(f"malformed image array: shape {images.shape} dtype {images.dtype}, expected (N, 32, 32, 3) uint8",
+                   root / f"{corruption}.npy")
+    if n % 5 != 0:
+        raise _err(f"malformed image array: {n} rows is not 5 severities of equal size", root / f"{corruption}.npy")
+    per_sev = n // 5  # 10 000 in the official release
+    if labels_all.ndim != 1 or labels_all.shape[0] != n:
+        raise _err(f"labels.npy has shape {labels_all.shape}, expected ({n},) to match {corruption}.npy",
+                   root / "labels.npy")
+    lo, hi = (severity - 1) * per_sev, severity * per_sev
+    labels = np.asarray(labels_all[lo:hi], dtype=np.int64)
+    if labels.min() < 0 or labels.max() > 9:
+        raise _err("labels.npy has labels outside 0..9", root / "labels.npy")
+    return images, labels, lo
+
+
+def _clean_source(cifar10_root: str | Path, source_val_per_class: int, seed: int,
+                  transform) -> tuple[ArrayImageDataset, ArrayImageDataset]:
+    """Clean CIFAR-10 train batches as (source train, source validation), to pre-train a source model on."""
+    xs, ys = load_cifar10_arrays(cifar10_root, train=True)
+    s_val, s_train = split_or_layout_error(ys, [source_val_per_class, None], seed,
+                                           options=("source_val_per_class", ""), what="source validation split",
+                                           error=_cifar10_err)
+    return ArrayImageDataset(xs, s_train, ys[s_train], transform), ArrayImageDataset(xs, s_val, ys[s_val], transform)
+
+
 def load_cifar10c(
     root: str | Path,
     corruption: str = "gaussian_noise",
@@ -108,35 +139,14 @@ def load_cifar10c(
     if severity not in (1, 2, 3, 4, 5):
         raise ValueError(f"severity must be in 1..5, got {severity}")
     root = _find_root(root)
-    labels_all = _load_npy(root / "labels.npy")
-    images = _load_npy(root / f"{corruption}.npy")
-    n = images.shape[0] if images.ndim else 0
-    if images.ndim != 4 or images.shape[1:] != (32, 32, 3) or images.dtype != np.uint8:
-        raise _err(f"malformed image array: shape {images.shape} dtype {images.dtype}, expected (N, 32, 32, 3) uint8",
-                   root / f"{corruption}.npy")
-    if n % 5 != 0:
-        raise _err(f"malformed image array: {n} rows is not 5 severities of equal size", root / f"{corruption}.npy")
-    per_sev = n // 5  # 10 000 in the official release
-    if labels_all.ndim != 1 or labels_all.shape[0] != n:
-        raise _err(f"labels.npy has shape {labels_all.shape}, expected ({n},) to match {corruption}.npy",
-                   root / "labels.npy")
-    lo, hi = (severity - 1) * per_sev, severity * per_sev
-    labels = np.asarray(labels_all[lo:hi], dtype=np.int64)
-    if labels.min() < 0 or labels.max() > 9:
-        raise _err("labels.npy has labels outside 0..9", root / "labels.npy")
+    images, labels, lo = _severity_arrays(root, corruption, severity)
     tr, va, te = split_or_layout_error(
         labels, [target_train_per_class, target_val_per_class, target_test_per_class], seed,
         options=("target_train_per_class", "target_val_per_class", "target_test_per_class"),
         what=f"target split of {corruption}.npy (severity {severity})", error=_err,
     )
-    src_train = src_val = None
-    if cifar10_root is not None:
-        xs, ys = load_cifar10_arrays(cifar10_root, train=True)
-        s_val, s_train = split_or_layout_error(ys, [source_val_per_class, None], seed,
-                                               options=("source_val_per_class", ""), what="source validation split",
-                                               error=_cifar10_err)
-        src_train = ArrayImageDataset(xs, s_train, ys[s_train], transform)
-        src_val = ArrayImageDataset(xs, s_val, ys[s_val], transform)
+    src_train, src_val = (None, None) if cifar10_root is None else _clean_source(
+        cifar10_root, source_val_per_class, seed, transform)
     return BenchmarkData(
         name=f"cifar10c/{corruption}/{severity}",
         num_classes=10,

@@ -70,6 +70,51 @@ def _err(problem: str, path: Path | None = None) -> DatasetLayoutError:
     return DatasetLayoutError(problem, dataset="ImageNet-C", layout=IMAGENET_C_LAYOUT, url=IMAGENET_C_URL, path=path)
 
 
+def _severity_folder(given: str | Path, corruption: str, severity: int) -> Path:
+    if corruption not in ALL_CORRUPTIONS:
+        raise ValueError(f"unknown ImageNet-C corruption {corruption!r}; known: {', '.join(ALL_CORRUPTIONS)}")
+    if severity not in (1, 2, 3, 4, 5):
+        raise ValueError(f"severity must be in 1..5, got {severity}")
+    root = Path(given)
+    if not root.is_dir():
+        raise _err("no such folder", given)  # named as given
+    if not (root / corruption).is_dir():
+        raise _err("missing corruption directory", root / corruption)
+    base = root / corruption / str(severity)
+    if not base.is_dir():
+        raise _err("missing severity directory", base)
+    return base
+
+
+def _classes(base: Path, present: list[str], wnids: Sequence[str] | None, what: str) -> list[str]:
+    """The class list (index = position): the given wnids, or the folders present."""
+    if wnids is None:
+        if len(present) != 1000:
+            warnings.warn(
+                f"ImageNet-C {what}: {len(present)} class folders instead of 1000; class indices "
+                "are positions among the folders present and do not match ImageNet's (pass wnids=...)",
+                stacklevel=3,  # the caller of load_imagenet_c
+            )
+        return present
+    classes = sorted(wnids)
+    missing = sorted(set(present) - set(classes))
+    if missing:
+        raise _err(f"class folders not in the given wnid list: {missing[:5]}", base)
+    return classes
+
+
+def _image_files(base: Path, present: list[str], index: dict[str, int]) -> tuple[list[Path], list[int]]:
+    paths: list[Path] = []
+    labels: list[int] = []
+    for w in present:
+        files = sorted_files(base / w, IMAGE_SUFFIXES)
+        if not files:
+            raise _err("class folder without images", base / w)
+        paths.extend(files)
+        labels.extend([index[w]] * len(files))
+    return paths, labels
+
+
 def load_imagenet_c(
     root: str | Path,
     corruption: str = "gaussian_noise",
@@ -84,42 +129,12 @@ def load_imagenet_c(
     resize: int | None = None,
 ) -> BenchmarkData:
     """Target splits of one ImageNet-C corruption at one severity (see the module docstring)."""
-    if corruption not in ALL_CORRUPTIONS:
-        raise ValueError(f"unknown ImageNet-C corruption {corruption!r}; known: {', '.join(ALL_CORRUPTIONS)}")
-    if severity not in (1, 2, 3, 4, 5):
-        raise ValueError(f"severity must be in 1..5, got {severity}")
-    if not Path(root).is_dir():
-        raise _err("no such folder", root)
-    base = Path(root) / corruption / str(severity)
-    if not (Path(root) / corruption).is_dir():
-        raise _err("missing corruption directory", Path(root) / corruption)
-    if not base.is_dir():
-        raise _err("missing severity directory", base)
+    base = _severity_folder(root, corruption, severity)
     present = sorted(p.name for p in base.iterdir() if p.is_dir())
     if not present:
         raise _err("no class (wnid) directories", base)
-    if wnids is None:
-        classes = present
-        if len(classes) != 1000:
-            warnings.warn(
-                f"ImageNet-C {corruption}/{severity}: {len(classes)} class folders instead of 1000; class indices "
-                "are positions among the folders present and do not match ImageNet's (pass wnids=...)",
-                stacklevel=2,
-            )
-    else:
-        classes = sorted(wnids)
-        missing = sorted(set(present) - set(classes))
-        if missing:
-            raise _err(f"class folders not in the given wnid list: {missing[:5]}", base)
-    index = {w: i for i, w in enumerate(classes)}
-    paths: list[Path] = []
-    labels: list[int] = []
-    for w in present:
-        files = sorted_files(base / w, IMAGE_SUFFIXES)
-        if not files:
-            raise _err("class folder without images", base / w)
-        paths.extend(files)
-        labels.extend([index[w]] * len(files))
+    classes = _classes(base, present, wnids, f"{corruption}/{severity}")
+    paths, labels = _image_files(base, present, {w: i for i, w in enumerate(classes)})
     lab = np.asarray(labels)
     tr, va, te = split_or_layout_error(
         lab, [target_train_per_class, target_val_per_class, target_test_per_class], seed,
