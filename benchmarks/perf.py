@@ -1,4 +1,4 @@
-"""Cost of the AutoRGN / AutoSNR wrappers relative to the bare optimizer (issue 4).
+"""Cost of the AutoRGN / AutoSNR wrappers relative to the bare optimizer.
 
 ``python -m benchmarks.perf [--quick|--tiny] [--device cpu|cuda] [--sync-debug] [--threads N] [--out results/perf/perf.md]``
 
@@ -10,7 +10,7 @@ Everything is measured side by side in one process: in each repeat every variant
 in an order rotated from repeat to repeat, so slow drifts of a shared machine hit all variants
 alike. Reported are the median time of each variant and the median of the per-repeat ratios
 (variant / bare optimizer in the same repeat), with the spread (25th-75th percentile) of those
-ratios as a noise indication. The script never asserts speed; it reports against the issue's targets.
+ratios as a noise indication. The script never asserts speed; it reports against the overhead targets of ``targets()``.
 
 Sections:
 
@@ -636,10 +636,9 @@ def table(headers: list[str], rows: list[list[Any]]) -> list[str]:
     return lines + [""]
 
 
-def render(result: dict[str, Any]) -> str:
+def _render_header(result: dict[str, Any]) -> list[str]:
     m = result["machine"]
     cfg = result["config"]
-    sec = result["sections"]
     out = [
         "# surgical-optim wrapper overhead" + (" (--tiny)" if cfg["tiny"] else " (--quick)" if cfg["quick"] else ""),
         "",
@@ -657,72 +656,103 @@ def render(result: dict[str, Any]) -> str:
         f"{cfg['samples']}.",
         "",
     ]
-    if "step" in sec:
-        out += ["## 1. Optimizer step: wrapper vs bare inner step", "",
-                "Random weights, random gradients set on `.grad`; inner optimizers foreach=True. "
-                "`AutoSNR calibration` = mean of its first "
-                f"{cfg['samples']} steps (moments collected; the last one estimates the mask) with a fresh "
-                "wrapper in each of the first "
-                f"{cfg['calibration_repeats']} repeats, then the same steps by phase.", ""]
-        out += table(
-            ["model", "params (M)", "tensors", "optimizer", "variant", "median ms", "ratio vs bare (p25-p75)"],
-            [[r["model"], r["params_M"], r["tensors"], r["optimizer"], r["variant"], r["median_ms"],
-              ratio_cell(r)] for r in sec["step"]],
-        )
-    if "official" in sec:
-        out += ["## 2. Official-style statistics vs ours", "",
-                "Official style: per-tensor `g.norm().item() / p.norm().item()`, normalised by the max, one "
-                "param group per tensor with lr x weight, `torch.optim.Adam` re-created (default settings, "
-                "fresh state) every step, then its step. Ratios are relative to ours, "
-                "`AutoRGN(Adam(foreach=True)).step()`.", ""]
-        out += table(["model", "tensors", "variant", "median ms", "ratio vs ours (p25-p75)"],
-                     [[r["model"], r["tensors"], r["variant"], r["median_ms"], ratio_cell(r)]
-                      for r in sec["official"]])
-    if "train_step" in sec:
-        out += ["## 3. Whole training step (zero_grad + forward + backward + step), AdamW(foreach)", "",
-                "`derived overhead` = (median wrapper step part - median bare step part) / median bare whole "
-                "step, the step parts timed inside the same whole steps (less noisy than the whole-step "
-                "ratio).", ""]
-        out += table(["model", "input", "variant", "whole step ms", "ratio vs bare (p25-p75)", "step part ms",
-                      "derived overhead"],
-                     [[r["model"], r["input"], r["variant"], r["median_ms"], ratio_cell(r), r["step_part_ms"],
-                       f"{100 * r['derived_overhead']:+.1f} %"] for r in sec["train_step"]])
-    if "scaling_tensors" in sec:
-        out += ["## 4. Scaling, AdamW(foreach)", "",
-                f"### vs number of tensors ({cfg['tensor_numel']} elements each)", ""]
-        out += table(["tensors", "steps/block", "variant", "median ms", "ratio vs bare (p25-p75)"],
-                     [[r["n_tensors"], r["steps_per_block"], r["variant"], r["median_ms"], ratio_cell(r)]
-                      for r in sec["scaling_tensors"]])
-        out += [f"### vs model size (MLP, {cfg['mlp_depth']} Linear layers of width w)", ""]
-        out += table(["width", "elements", "variant", "median ms", "ratio vs bare (p25-p75)"],
-                     [[r["width"], r["elements"], r["variant"], r["median_ms"], ratio_cell(r)]
-                      for r in sec["scaling_width"]])
-    if "memory" in sec:
-        out += ["## 5. Memory kept by the wrappers (AdamW)", "",
-                "Counted bytes of the wrappers' own buffers after warm-up: AutoRGN's snapshots (none when "
-                "the update is folded; one copy, kept for the whole run, on the snapshot path), "
-                "AutoSNR's `_sums` + `_squares` (held during calibration only), relative to the parameter "
-                "bytes.", ""]
-        headers = ["model", "param MB", "AutoRGN (fold) MB", "ratio", "AutoRGN snapshot MB", "ratio",
-                   "AutoSNR calibration MB", "ratio"]
-        cuda = any("cuda_bare_step_peak_MB" in r for r in sec["memory"])
+    return out
+
+
+def _render_step(sec: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
+    """Section 1: the optimizer step, wrapper vs bare."""
+    out: list[str] = []
+    out += ["## 1. Optimizer step: wrapper vs bare inner step", "",
+            "Random weights, random gradients set on `.grad`; inner optimizers foreach=True. "
+            "`AutoSNR calibration` = mean of its first "
+            f"{cfg['samples']} steps (moments collected; the last one estimates the mask) with a fresh "
+            "wrapper in each of the first "
+            f"{cfg['calibration_repeats']} repeats, then the same steps by phase.", ""]
+    out += table(
+        ["model", "params (M)", "tensors", "optimizer", "variant", "median ms", "ratio vs bare (p25-p75)"],
+        [[r["model"], r["params_M"], r["tensors"], r["optimizer"], r["variant"], r["median_ms"],
+          ratio_cell(r)] for r in sec["step"]],
+    )
+    return out
+
+
+def _render_official(sec: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
+    """Section 2: the official code's statistics vs ours."""
+    out: list[str] = []
+    out += ["## 2. Official-style statistics vs ours", "",
+            "Official style: per-tensor `g.norm().item() / p.norm().item()`, normalised by the max, one "
+            "param group per tensor with lr x weight, `torch.optim.Adam` re-created (default settings, "
+            "fresh state) every step, then its step. Ratios are relative to ours, "
+            "`AutoRGN(Adam(foreach=True)).step()`.", ""]
+    out += table(["model", "tensors", "variant", "median ms", "ratio vs ours (p25-p75)"],
+                 [[r["model"], r["tensors"], r["variant"], r["median_ms"], ratio_cell(r)]
+                  for r in sec["official"]])
+    return out
+
+
+def _render_train_step(sec: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
+    """Section 3: the whole training step."""
+    out: list[str] = []
+    out += ["## 3. Whole training step (zero_grad + forward + backward + step), AdamW(foreach)", "",
+            "`derived overhead` = (median wrapper step part - median bare step part) / median bare whole "
+            "step, the step parts timed inside the same whole steps (less noisy than the whole-step "
+            "ratio).", ""]
+    out += table(["model", "input", "variant", "whole step ms", "ratio vs bare (p25-p75)", "step part ms",
+                  "derived overhead"],
+                 [[r["model"], r["input"], r["variant"], r["median_ms"], ratio_cell(r), r["step_part_ms"],
+                   f"{100 * r['derived_overhead']:+.1f} %"] for r in sec["train_step"]])
+    return out
+
+
+def _render_scaling(sec: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
+    """Section 4: scaling with the number of tensors and the model size."""
+    out: list[str] = []
+    out += ["## 4. Scaling, AdamW(foreach)", "",
+            f"### vs number of tensors ({cfg['tensor_numel']} elements each)", ""]
+    out += table(["tensors", "steps/block", "variant", "median ms", "ratio vs bare (p25-p75)"],
+                 [[r["n_tensors"], r["steps_per_block"], r["variant"], r["median_ms"], ratio_cell(r)]
+                  for r in sec["scaling_tensors"]])
+    out += [f"### vs model size (MLP, {cfg['mlp_depth']} Linear layers of width w)", ""]
+    out += table(["width", "elements", "variant", "median ms", "ratio vs bare (p25-p75)"],
+                 [[r["width"], r["elements"], r["variant"], r["median_ms"], ratio_cell(r)]
+                  for r in sec["scaling_width"]])
+    return out
+
+
+def _render_memory(sec: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
+    """Section 5: the wrappers' own memory."""
+    out: list[str] = []
+    out += ["## 5. Memory kept by the wrappers (AdamW)", "",
+            "Counted bytes of the wrappers' own buffers after warm-up: AutoRGN's snapshots (none when "
+            "the update is folded; one copy, kept for the whole run, on the snapshot path), "
+            "AutoSNR's `_sums` + `_squares` (held during calibration only), relative to the parameter "
+            "bytes.", ""]
+    headers = ["model", "param MB", "AutoRGN (fold) MB", "ratio", "AutoRGN snapshot MB", "ratio",
+               "AutoSNR calibration MB", "ratio"]
+    cuda = any("cuda_bare_step_peak_MB" in r for r in sec["memory"])
+    if cuda:
+        headers += ["CUDA peak: bare step MB", "AutoRGN fold step MB", "AutoRGN snapshot 1st step MB",
+                    "AutoSNR calib MB", "extra peak fold / params", "extra peak snapshot / params",
+                    "extra peak AutoSNR / params"]
+    rows = []
+    for r in sec["memory"]:
+        row = [r["model"], r["param_MB"], r["AutoRGN_fold_MB"], r["ratio_AutoRGN_fold"],
+               r["AutoRGN_snapshot_MB"], r["ratio_AutoRGN_snapshot"],
+               r["AutoSNR_calibration_MB"], r["ratio_AutoSNR_calibration"]]
         if cuda:
-            headers += ["CUDA peak: bare step MB", "AutoRGN fold step MB", "AutoRGN snapshot 1st step MB",
-                        "AutoSNR calib MB", "extra peak fold / params", "extra peak snapshot / params",
-                        "extra peak AutoSNR / params"]
-        rows = []
-        for r in sec["memory"]:
-            row = [r["model"], r["param_MB"], r["AutoRGN_fold_MB"], r["ratio_AutoRGN_fold"],
-                   r["AutoRGN_snapshot_MB"], r["ratio_AutoRGN_snapshot"],
-                   r["AutoSNR_calibration_MB"], r["ratio_AutoSNR_calibration"]]
-            if cuda:
-                row += [r["cuda_bare_step_peak_MB"], r["cuda_AutoRGN_fold_peak_MB"],
-                        r["cuda_AutoRGN_first_step_peak_MB"], r["cuda_AutoSNR_calibration_peak_MB"],
-                        r["ratio_cuda_AutoRGN_fold_extra_peak"], r["ratio_cuda_AutoRGN_extra_peak"],
-                        r["ratio_cuda_AutoSNR_extra_peak"]]
-            rows.append(row)
-        out += table(headers, rows)
-    out += ["## Targets (issue 4)", ""]
+            row += [r["cuda_bare_step_peak_MB"], r["cuda_AutoRGN_fold_peak_MB"],
+                    r["cuda_AutoRGN_first_step_peak_MB"], r["cuda_AutoSNR_calibration_peak_MB"],
+                    r["ratio_cuda_AutoRGN_fold_extra_peak"], r["ratio_cuda_AutoRGN_extra_peak"],
+                    r["ratio_cuda_AutoSNR_extra_peak"]]
+        rows.append(row)
+    out += table(headers, rows)
+    return out
+
+
+def _render_closing(result: dict[str, Any]) -> list[str]:
+    """The targets table and, with --sync-debug, the synchronisation report."""
+    out: list[str] = []
+    out += ["## Targets", ""]
     out += table(["target", "measured", "met"], [[t["target"], t["measured"], t["met"]] for t in result["targets"]])
     if result["sync_debug"]["enabled"]:
         sd = result["sync_debug"]
@@ -732,6 +762,18 @@ def render(result: dict[str, Any]) -> str:
             out += table(["label", "error"], [[v["label"], v["error"]] for v in sd["violations"]])
         else:
             out += ["No synchronisation raised.", ""]
+    return out
+
+
+def render(result: dict[str, Any]) -> str:
+    """The Markdown report of a result."""
+    cfg, sec = result["config"], result["sections"]
+    out = _render_header(result)
+    for key, section in (("step", _render_step), ("official", _render_official), ("train_step", _render_train_step),
+                         ("scaling_tensors", _render_scaling), ("memory", _render_memory)):
+        if key in sec:
+            out += section(sec, cfg)
+    out += _render_closing(result)
     return "\n".join(out)
 
 
