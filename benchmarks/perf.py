@@ -496,16 +496,7 @@ def train_step_rows(
     model_name: str, size: int, batch: int, cfg: Config, device: torch.device, timer: Timer, log
 ) -> list[dict]:
     """Whole training steps of one model, bare and wrapped, interleaved."""
-    rows = []
-    torch.manual_seed(0)
-    model = build_model(model_name).to(device).eval()
-    params = [p for p in model.parameters() if p.requires_grad]
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(batch, 3, size, size, generator=gen).to(device)
-    with torch.no_grad():
-        classes = model(x[:1]).shape[1]
-    model.train()
-    y = torch.randint(0, classes, (batch,), generator=gen).to(device)
+    model, params, x, y = _training_batch(model_name, size, batch, device)
     inner = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2, foreach=True)
     rgn = AutoRGN(inner)
     rgn_snapshot = AutoRGN(inner, update="scaled_step")
@@ -537,20 +528,40 @@ def train_step_rows(
                 lambda: train_step(rgn_snapshot, "AutoRGN snapshot", "train_step:AutoRGN snapshot")),
         Variant("AutoSNR", lambda: train_step(snr, "AutoSNR", "train_step:AutoSNR")),
     ]
-    times = interleave(variants, cfg.repeats, timer)
-    summary = summarise(times, "bare")
+    summary = summarise(interleave(variants, cfg.repeats, timer), "bare")
+    log(f"train_step {model_name}: " + ", ".join(f"{n} {s['ratio']:.3f}x" for n, s in summary.items()))
+    return _train_step_table(model_name, f"{batch}x3x{size}x{size}", summary, step_times)
+
+
+def _training_batch(model_name: str, size: int, batch: int,
+                    device: torch.device) -> tuple[torch.nn.Module, list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """The model in train mode, its trainable parameters, and one fixed random batch."""
+    torch.manual_seed(0)
+    model = build_model(model_name).to(device).eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 3, size, size, generator=gen).to(device)
+    with torch.no_grad():
+        classes = model(x[:1]).shape[1]
+    model.train()
+    y = torch.randint(0, classes, (batch,), generator=gen).to(device)
+    return model, params, x, y
+
+
+def _train_step_table(model_name: str, shape: str, summary: dict[str, dict[str, Any]],
+                      step_times: dict[str, list[float]]) -> list[dict]:
     whole_bare = summary["bare"]["median_ms"] / 1e3
     bare_step = statistics.median(step_times["bare"])
+    rows = []
     for name, s in summary.items():
         step_median = statistics.median(step_times[name])
         rows.append({
-            "model": model_name, "input": f"{batch}x3x{size}x{size}", "variant": name, **s,
+            "model": model_name, "input": shape, "variant": name, **s,
             "step_part_ms": step_median * 1e3,
             # (wrapper step - bare step) / bare whole step: the overhead with less noise than the
             # whole-step ratio, since forward/backward noise cancels out
             "derived_overhead": (step_median - bare_step) / whole_bare,
         })
-    log(f"train_step {model_name}: " + ", ".join(f"{n} {s['ratio']:.3f}x" for n, s in summary.items()))
     return rows
 
 
