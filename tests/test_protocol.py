@@ -312,7 +312,7 @@ def test_auto_snr_trains_exactly_the_tensors_its_mask_keeps():
     assert seen["moved"] == seen["kept"]  # after the estimate, the frozen tensors stay where they were
     assert 0 < len(seen["kept"]) < len(names)  # and the threshold froze some, not all
     block = _block_of(m)
-    fractions = r.diagnostics["0.01"]["trained_fraction"]
+    fractions = r.diagnostics["0.01"]["trained_tensor_fraction"]
     for name, fraction in fractions.items():  # the reported fractions are those of the tensors that moved
         members = [n for n in names if block[n] == name]
         assert fraction == pytest.approx(sum(n in seen["moved"] for n in members) / len(members)), name

@@ -12,13 +12,18 @@ from .runner import BLOCKS, OfflineConfig, Task
 __all__ = ["summarise", "write_outputs", "markdown_table"]
 
 
+#: diagnostics recorded under an older name by runs in existing caches (same quantity)
+_FORMER_NAMES = {"trained_tensor_fraction": "trained_fraction"}
+
+
 def _mean_per_block(runs: list[dict], key: str) -> dict[str, float] | None:
     """Mean over runs of a per-block diagnostic recorded at each run's selected lr, or None."""
     per_seed = []
     for r in runs:
         diag = r.get("diagnostics", {}).get(str(r["lr"]), {})
-        if key in diag:
-            per_seed.append(diag[key])
+        found = next((k for k in (key, _FORMER_NAMES.get(key)) if k in diag), None)
+        if found is not None:
+            per_seed.append(diag[found])
     if not per_seed:
         return None
     return {b: sum(d.get(b, 0.0) for d in per_seed) / len(per_seed) for b in per_seed[0]}
@@ -43,7 +48,7 @@ def _method_entry(runs: list[dict[str, Any]], method: str) -> dict[str, Any]:
         wm, ws, _ = mean_se(wv)
         m["worst_group"] = {"accs": wv, "mean": wm, "stderr": ws}
     # which blocks the automatic methods favoured, averaged over seeds
-    diag_key = {"auto_rgn": "block_multipliers", "auto_snr": "trained_fraction"}.get(method)
+    diag_key = {"auto_rgn": "block_multipliers", "auto_snr": "trained_tensor_fraction"}.get(method)
     per_block = _mean_per_block(runs, diag_key) if diag_key else None
     if per_block is not None:
         m[diag_key] = per_block

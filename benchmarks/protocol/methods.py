@@ -127,7 +127,9 @@ class AutoRGNMethod(Method):
 
 class AutoSNRMethod(Method):
     """All blocks; ``surgical_optim.AutoSNR`` freezes tensors whose normalised gradient SNR is under
-    ``threshold`` after ``samples`` steps. Diagnostics: fraction of tensors trained per block."""
+    ``threshold`` after ``samples`` steps. Diagnostics: ``trained_tensor_fraction``, the fraction of each
+    block's tensors that train (a count of tensors, not of elements: ``AutoSNR.block_summary()``'s
+    ``trained_fraction`` weighs them by size)."""
 
     name = "auto_snr"
 
@@ -150,7 +152,7 @@ class AutoSNRMethod(Method):
             count = len(group["params"])
             out[group.get("name", str(len(out)))] = float(mask[start : start + count].mean())
             start += count
-        return {"trained_fraction": out}
+        return {"trained_tensor_fraction": out}
 
 
 class GradualUnfreezing(Method):
