@@ -1,0 +1,44 @@
+"""The harness's command line is parsed once into typed, frozen configs (benchmarks/paper/config.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torchvision")
+
+from benchmarks.paper import build_parser, harness_config  # noqa: E402
+from benchmarks.paper.config import DataConfig, FinetuneConfig, HarnessConfig, SourceConfig, UsageError  # noqa: E402
+from benchmarks.protocol import PAPER_LRS  # noqa: E402
+
+
+def _config(*argv: str) -> HarnessConfig:
+    return harness_config(build_parser().parse_args(["--data-root", "/data", *argv]))
+
+
+def test_family_defaults_fill_what_the_command_line_leaves_out():
+    cfg = _config("--dataset", "cifar10c", "--out", "runs/c")
+    assert isinstance(cfg.data, DataConfig) and isinstance(cfg.source, SourceConfig)
+    assert isinstance(cfg.finetune, FinetuneConfig)
+    assert (cfg.source.arch, cfg.finetune.epochs, cfg.source.epochs, cfg.source.imagenet_init) == (
+        "resnet26", 15, 200, False)
+    assert cfg.finetune.lrs == PAPER_LRS and cfg.finetune.seeds == (0, 1, 2)
+    assert cfg.source.cache == Path("runs/c") / "source_models"
+    assert cfg.data.variants()[0] == f"cifar10c/{cfg.data.corruptions[0]}/5"
+    imagenet = _config("--dataset", "imagenet_c", "--epochs", "3", "--imagenet-init", "0")
+    assert (imagenet.source.arch, imagenet.finetune.epochs, imagenet.source.imagenet_init) == ("resnet50", 3, False)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.finetune.epochs = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--epochs", "0"], "--epochs"),
+    (["--lrs", "0.1,-1"], "--lrs"),
+    (["--methods", " , "], "--methods"),
+    (["--loader-arg", "seed=3"], "--data-seed"),
+])
+def test_bad_values_are_usage_errors(argv, fragment):
+    with pytest.raises(UsageError, match=fragment):
+        _config("--dataset", "cifar_flip", *argv)
