@@ -58,6 +58,18 @@ class SignalNoise(torch.nn.Module):
         return self.signal.sum() + (self.noise * x).sum(-1)
 
 
+def step_both_and_compare(fast, fast_model, ref, ref_model, x, y) -> None:
+    """One step of AutoSNR and of its slow reference on the same batch; the weights must agree."""
+    fast.zero_grad()
+    backward(fast_model, x, y)
+    fast.step()
+    ref.optimizer.zero_grad()
+    backward(ref_model, x, y)
+    ref.step()
+    for a, b in zip(fast_model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
 # each threshold gives a different mask on this model (0.05 and 0.7 would repeat 0 and 1)
 @pytest.mark.parametrize("threshold", [0.0, 0.12, 0.3, 0.45, 1.0])
 @pytest.mark.parametrize("inner", ["adamw", "sgd"])
@@ -71,14 +83,7 @@ def test_matches_reference(threshold, inner):
     fast = AutoSNR(make(fast_model.parameters()), threshold=threshold, samples=4)
     ref = ReferenceAutoSNR(make(ref_model.parameters()), threshold=threshold, samples=4)
     for step, (x, y) in enumerate(batches(9)):
-        fast.zero_grad()
-        backward(fast_model, x, y)
-        fast.step()
-        ref.optimizer.zero_grad()
-        backward(ref_model, x, y)
-        ref.step()
-        for a, b in zip(fast_model.parameters(), ref_model.parameters()):
-            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+        step_both_and_compare(fast, fast_model, ref, ref_model, x, y)
         if step >= 3:
             torch.testing.assert_close(fast.snr(), torch.tensor(ref.normalised, dtype=torch.float64), rtol=1e-9, atol=1e-12)
             assert fast.mask().tolist() == [float(k) for k in ref.keep]
@@ -399,14 +404,7 @@ def test_sparse_embedding_matches_reference():
     fast = AutoSNR(torch.optim.SGD(fast_model.parameters(), lr=0.5), threshold=0.3, samples=3)
     ref = ReferenceAutoSNR(torch.optim.SGD(ref_model.parameters(), lr=0.5), threshold=0.3, samples=3)
     for x, y in token_batches(6):
-        fast.zero_grad()
-        backward(fast_model, x, y)
-        fast.step()
-        ref.optimizer.zero_grad()
-        backward(ref_model, x, y)
-        ref.step()
-        for a, b in zip(fast_model.parameters(), ref_model.parameters()):
-            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+        step_both_and_compare(fast, fast_model, ref, ref_model, x, y)
     torch.testing.assert_close(fast.snr(), torch.tensor(ref.normalised, dtype=torch.float64), rtol=1e-9, atol=1e-12)
     assert fast.mask().tolist() == [float(k) for k in ref.keep]
 
