@@ -20,7 +20,6 @@ __all__ = [
     "local_tensors",
     "GatherPlan",
     "gather_plan",
-    "per_tensor_norms",
     "local_norms",
     "combine_shard_norms",
     "sum_over_shards",
@@ -120,22 +119,6 @@ def gather_plan(
             cache.clear()
         plan = cache[key] = GatherPlan(tensors, device)
     return plan
-
-
-def per_tensor_norms(
-    plan: GatherPlan, lists: Sequence[Sequence[torch.Tensor]], dtype: torch.dtype
-) -> list[torch.Tensor]:
-    """For each list of tensors (laid out as the plan's tensors), the L2 norm of each tensor, whole
-    tensors for DTensors (their shards' squares are summed over the mesh, as ``combine_shard_norms``).
-
-    The all-reduce's shape follows the plan's tensors: callers whose tensor list may differ between
-    ranks (gradients present on some only) use ``local_norms`` and ``combine_shard_norms`` over a
-    plan of every parameter instead.
-    """
-    results = local_norms(plan, lists, dtype)
-    if plan.sharded is None:
-        return results
-    return combine_shard_norms(plan, results)
 
 
 def local_norms(

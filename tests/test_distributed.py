@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from surgical_optim import AutoRGN, AutoSNR
-from surgical_optim._foreach import GatherPlan, per_tensor_norms
+from surgical_optim._foreach import GatherPlan, combine_shard_norms, local_norms
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
 
@@ -142,7 +142,7 @@ def train_on_share(rank: int, world: int, mode: str, kind: str, out_dir: str) ->
     # norms themselves, as the wrappers compute them from local shards
     trained = list(model.parameters())
     plan = GatherPlan(trained, torch.device("cpu"))
-    (norms,) = per_tensor_norms(plan, [trained], torch.float32)
+    (norms,) = combine_shard_norms(plan, local_norms(plan, [trained], torch.float32))
     torch.save({"params": params, "history": history, "norms": norms}, f"{out_dir}/{kind}_rank{rank}.pt")
 
 
