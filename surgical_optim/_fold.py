@@ -89,15 +89,14 @@ class FoldLayout:
 
 def fold_ready(inner: Optimizer, layout: FoldLayout, trained: Sequence[torch.Tensor]) -> bool:
     """True when folding may replace ``inner.step()`` this step: the inner optimizer's state for the
-    trained tensors exists (its own first step creates it), no gradient is sparse (the fold's kernels
-    are dense), and no hook or wrapper (a scheduler's step counter, a profiler, torch's global
+    trained tensors exists (its own first step creates it), and no hook or wrapper (a scheduler's step counter, a profiler, torch's global
     optimizer hooks) is attached to the inner step, which folding would skip: with one, the step
-    takes the snapshot path, where the inner step and its hooks run as usual."""
+    takes the snapshot path, where the inner step and its hooks run as usual. Sparse gradients,
+    which the fold's dense kernels cannot take, are the caller's to check (it reads every gradient
+    anyway)."""
     if inner._optimizer_step_pre_hooks or inner._optimizer_step_post_hooks or "step" in inner.__dict__:
         return False
     if _global_optimizer_pre_hooks or _global_optimizer_post_hooks:
-        return False
-    if any(p.grad is not None and p.grad.is_sparse for p in trained):
         return False
     state = inner.state
     # State entries are only added by steps, but which entries a step needs depends on the
@@ -167,7 +166,7 @@ def _sgd(group, state, params, local_params, grads, m, dtype, device, any_dtenso
         grads = torch._foreach_add(grads, bufs, alpha=momentum) if group["nesterov"] else bufs
     scales = _factors(m * -lr, device, dtype)
     if is_low_precision(dtype):
-        _add_in_float32(local_params, [g.float() for g in grads], scales)
+        _add_in_float32(local_params, [g.float() for g in grads], scales)  # sync-ok: dtype casts on the device
         return
     torch._foreach_addcmul_(local_params, grads, scales)
 
@@ -203,7 +202,7 @@ def _adam(group, state, params, local_params, grads, m, dtype, device, decoupled
     coefficients = [-lr / (1 - beta1**t) for t in step_values]  # torch's step size, times m below
     if is_low_precision(dtype):
         # exp_avg / denom in float32, scaled by the float32 step size, added with one rounding
-        ratios = [e.float() for e in exp_avgs]
+        ratios = [e.float() for e in exp_avgs]  # sync-ok: dtype casts on the device
         torch._foreach_div_(ratios, denom)
         step_sizes = torch.stack(torch._foreach_mul(list(m.unbind(0)), coefficients))
         _add_in_float32(local_params, ratios, _factors(step_sizes, device, dtype))
@@ -248,6 +247,6 @@ def _decay(params: list[torch.Tensor], m: torch.Tensor, lr_wd: float, device: to
     """Decoupled weight decay ``p *= 1 - lr wd m`` (exactly 1 at ``m = 0``)."""
     if is_low_precision(dtype):
         # as p + p x (-lr wd m) in float32: 1 - 1e-3 rounded to bfloat16 would be 1 - 4e-3
-        _add_in_float32(params, [p.float() for p in params], _factors(m * -lr_wd, device, dtype))
+        _add_in_float32(params, [p.float() for p in params], _factors(m * -lr_wd, device, dtype))  # sync-ok: casts
         return
     torch._foreach_mul_(params, _factors(1 - lr_wd * m, device, dtype))

@@ -53,7 +53,7 @@ import torch
 from torch.optim import Optimizer
 
 from ._fold import FoldLayout, fold_ready, fold_unsupported_reason, folded_step, is_low_precision
-from ._foreach import GatherPlan, combine_shard_norms, gather_plan, host_readable, local_norms, local_tensors
+from ._foreach import combine_shard_norms, gather_plan, host_readable, local_norms, local_tensors
 from ._summary import BlockMultipliers, BlockSummary, summarise_blocks
 from ._wrapper import OptimizerWrapper
 
@@ -192,8 +192,8 @@ class AutoRGN(OptimizerWrapper):
         self._excluded = [self._is_excluded(p) for p in self._params_cache]
         self._has_complex = any(torch.is_complex(p) for p in self._params_cache)
         self._plans: dict = {}
-        # every parameter's shard groups: the collective's shape is the layout's, not this step's
-        self._layout_shard_plan = GatherPlan(self._params_cache, self._device)
+        # every parameter's positions: the collective's shape is the layout's, not this step's
+        self._all_positions = tuple(range(n))
         # snapshot buffers by parameter position, allocated on first use and reused every step
         self._snapshots: dict[int, torch.Tensor] = {}
         opts: dict[str, Any] = {"device": self._device, "dtype": self._dtype}
@@ -259,6 +259,7 @@ class AutoRGN(OptimizerWrapper):
 
         positions: list[int] = []
         trained: list[torch.Tensor] = []
+        any_sparse = False
         for i, p in enumerate(params):
             if p.grad is None:
                 continue
@@ -267,16 +268,17 @@ class AutoRGN(OptimizerWrapper):
                 continue
             positions.append(i)
             trained.append(p)
+            any_sparse = any_sparse or p.grad.is_sparse
         if not trained:  # nothing to measure: multipliers stay as they are
             self._last_step["folded"] = False
             # ... but this rank still takes part in the other ranks' all-reduce
-            self._combine_shards([], None, [self._multipliers.new_zeros(0)] * 2)
+            self._combine_shards([], [self._multipliers.new_zeros(0)] * 2)
             return self._inner_step(inner_closure)
 
         grads = [p.grad for p in trained if p.grad is not None]  # all of them: filtered above
         plan = gather_plan(self._plans, tuple(positions), trained, self._device)
         norms = local_norms(plan, [grads, trained], self._dtype)
-        grad_norms, param_norms = self._combine_shards(positions, plan, norms)
+        grad_norms, param_norms = self._combine_shards(positions, norms)
         self._update_multipliers(positions, grad_norms, param_norms)
         local = self._multipliers.index_select(0, _plan_index(positions, self._plans, self._device))
 
@@ -284,7 +286,7 @@ class AutoRGN(OptimizerWrapper):
         # tensors have multiplier 0, so their weights do not move.
         _zero_non_finite(local_tensors(grads, plan.any_dtensor), grad_norms, plan)
 
-        layout = self._fold_layout(positions, trained, plan.any_dtensor)
+        layout = None if any_sparse else self._fold_layout(positions, trained, plan.any_dtensor)
         self._last_step["folded"] = layout is not None
         if layout is not None:
             folded_step(self._inner, layout, trained, local)
@@ -300,9 +302,7 @@ class AutoRGN(OptimizerWrapper):
         self._rescale_updates(plan, trained_local, snapshots, local)
         return loss if closure is not None else out
 
-    def _combine_shards(
-        self, positions: list[int], plan: Any, norms: list[torch.Tensor]
-    ) -> list[torch.Tensor]:
+    def _combine_shards(self, positions: list[int], norms: list[torch.Tensor]) -> list[torch.Tensor]:
         """Whole-tensor norms of the trained tensors from their local-shard norms (FSDP2, HSDP).
 
         The all-reduce runs over a vector of every parameter, with zeros for those without a
@@ -310,7 +310,8 @@ class AutoRGN(OptimizerWrapper):
         gradients this rank has, so ranks that disagree (an unused parameter on one rank) still
         meet in the same collective instead of mismatching or hanging.
         """
-        layout_plan = self._layout_shard_plan
+        # the plan of every parameter: the same cached plan as a step where all have gradients
+        layout_plan = gather_plan(self._plans, self._all_positions, self._params_cache, self._device)
         if layout_plan.sharded is None:
             return norms
         n = self._multipliers.numel()
@@ -367,7 +368,7 @@ class AutoRGN(OptimizerWrapper):
             if is_low_precision(dtype):
                 # in float32, rounded once: a lerp weight 1 - m rounded to bfloat16 is 1 for
                 # m < 0.002, which would freeze the tensor
-                updates = torch._foreach_sub([p.float() for p in group_params], group_snaps)
+                updates = torch._foreach_sub([p.float() for p in group_params], group_snaps)  # sync-ok: casts
                 torch._foreach_mul_(updates, list(group_m.to(device=dev, dtype=torch.float32, non_blocking=True).unbind(0)))
                 torch._foreach_copy_(group_params, group_snaps)
                 torch._foreach_add_(group_params, updates)
