@@ -16,6 +16,7 @@ from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 __all__ = [
     "host_readable",
+    "statistics_dtype",
     "local_tensor",
     "local_tensors",
     "GatherPlan",
@@ -30,6 +31,12 @@ try:  # DTensor (FSDP2's sharded parameters) exists only where torch.distributed
 except ImportError:  # pragma: no cover
     DTensor = None  # type: ignore[assignment,misc]
     Shard = None  # type: ignore[assignment,misc]
+
+
+def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype per-tensor statistics and moment buffers are kept in: float64 for float64 tensors
+    (double-precision runs stay exact), float32 otherwise (low precision never accumulates)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from ._foreach import DTensor, local_tensor
+from ._foreach import DTensor, local_tensor, statistics_dtype
 
 __all__ = ["OptimizerWrapper"]
 
@@ -392,8 +392,7 @@ def _is_buffer_list(value: Any) -> bool:
 def _shardable(buffer: torch.Tensor | None, p: torch.Tensor) -> torch.Tensor:
     local = local_tensor(p)
     if buffer is None:  # zeros in the dtype the wrappers' statistics take
-        dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
-        buffer = torch.zeros(local.shape, dtype=dtype, device=local.device)
+        buffer = torch.zeros(local.shape, dtype=statistics_dtype(p.dtype), device=local.device)
     if local is p:
         return buffer
     return DTensor.from_local(buffer, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())

@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from ._foreach import gather_plan, local_tensor, sum_over_shards
+from ._foreach import gather_plan, local_tensor, statistics_dtype, sum_over_shards
 from ._summary import BlockSummary, summarise_blocks
 from ._wrapper import OptimizerWrapper
 from .snr import (
@@ -205,11 +205,10 @@ class AutoSNR(OptimizerWrapper):
         for i, g in present:
             total, total_sq = self._sums[i], self._squares[i]
             if total is None or total_sq is None:
-                dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
-                # dense buffers even for a sparse gradient (zeros_like would make them sparse)
-                make = torch.zeros_like if g.layout == torch.strided else _dense_zeros
-                total = self._sums[i] = make(g, dtype=dtype)
-                total_sq = self._squares[i] = make(g, dtype=dtype)
+                dtype = statistics_dtype(g.dtype)
+                # dense buffers even for a sparse gradient
+                total = self._sums[i] = torch.zeros_like(g, dtype=dtype, layout=torch.strided)
+                total_sq = self._squares[i] = torch.zeros_like(g, dtype=dtype, layout=torch.strided)
             self._counts[i] += 1
             if g.layout != torch.strided:
                 _add_sparse_moments_(total, total_sq, g)
@@ -413,10 +412,6 @@ def _nearly_all_frozen(keep: list[bool]) -> bool:
     the paper's WRN-28-10, weight and bias, is 0.018% of its parameters.
     """
     return len(keep) >= 2 and sum(keep) <= 1
-
-
-def _dense_zeros(like: torch.Tensor, *, dtype: torch.dtype) -> torch.Tensor:
-    return torch.zeros(like.shape, dtype=dtype, device=like.device)
 
 
 def _add_sparse_moments_(total: torch.Tensor, total_sq: torch.Tensor, grad: torch.Tensor) -> None:

@@ -64,7 +64,7 @@ def adapt_online(
         select_blocks(model, "first")
         opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
         for logits in adapt_online(model, opt, stream):
-            correct += (logits.argmax(-1) == next(labels)).sum().item()
+            correct += (logits.argmax(-1) == next(labels)).sum()  # a tensor: read it once, at the end
     """
     if loss not in ("entropy", "marginal_entropy"):
         raise ValueError(f"loss must be 'entropy' or 'marginal_entropy', got {loss!r}")
