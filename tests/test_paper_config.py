@@ -11,6 +11,8 @@ pytest.importorskip("torchvision")
 
 from benchmarks.paper import build_parser, harness_config  # noqa: E402
 from benchmarks.paper.config import DataConfig, FinetuneConfig, HarnessConfig, SourceConfig, UsageError  # noqa: E402
+from benchmarks.paper.finetune import protocol_config  # noqa: E402
+from benchmarks.paper.sweep import run_identity  # noqa: E402
 from benchmarks.protocol import PAPER_LRS  # noqa: E402
 
 
@@ -38,7 +40,20 @@ def test_family_defaults_fill_what_the_command_line_leaves_out():
     (["--lrs", "0.1,-1"], "--lrs"),
     (["--methods", " , "], "--methods"),
     (["--loader-arg", "seed=3"], "--data-seed"),
+    (["--patience", "0"], "--patience"),
 ])
 def test_bad_values_are_usage_errors(argv, fragment):
     with pytest.raises(UsageError, match=fragment):
         _config("--dataset", "cifar_flip", *argv)
+
+
+def test_patience_reaches_the_protocol_and_joins_the_run_identity_only_when_set():
+    """Without --patience, a run's identity (so its id) is what it was before the flag existed."""
+    plain = _config("--dataset", "cifar_flip")
+    patient = _config("--dataset", "cifar_flip", "--patience", "3")
+    assert plain.finetune.patience is None and patient.finetune.patience == 3
+    assert protocol_config(patient.finetune, 0.1, "tiny_cnn", "cpu").patience == 3
+    assert protocol_config(plain.finetune, 0.1, "tiny_cnn", "cpu").patience is None
+    assert set(run_identity(plain, "src")) == {"source", "epochs", "batch_size", "weight_decay", "data_seed",
+                                              "loader_kwargs", "l1sp_weight", "snr_threshold"}
+    assert run_identity(patient, "src") == {**run_identity(plain, "src"), "patience": 3}

@@ -65,13 +65,17 @@ def _cifar10c_args(tmp_path: Path, *extra: str, corruptions: str = "fog,gaussian
 
 
 def test_end_to_end_cifar10c_table_and_plot(tmp_path):
-    assert paper.main(_cifar10c_args(tmp_path)) == 0
+    assert paper.main(_cifar10c_args(tmp_path, methods="none,all,block:*,auto_rgn,auto_rgn_paper,auto_select")) == 0
     out = tmp_path / "out"
     records = read_results(out / "results")
-    # 2 corruptions x (none: 2 seeds + (all + 3 blocks + auto_rgn) x 2 lrs x 2 seeds)
-    assert len(records) == 2 * (2 + 5 * 2 * 2)
+    # 2 corruptions x (none: 2 seeds + (all + 3 blocks + auto_rgn + auto_rgn_paper) x 2 lrs x 2 seeds); auto_select
+    # has no runs of its own
+    assert len(records) == 2 * (2 + 6 * 2 * 2)
     methods = {r["method"] for r in records}
-    assert methods == {"none", "all", "block:layer1", "block:layer2", "block:fc", "auto_rgn"}
+    assert methods == {"none", "all", "block:layer1", "block:layer2", "block:fc", "auto_rgn", "auto_rgn_paper"}
+    for r in records:  # one epoch each (no --patience): it ran, and took steps
+        trained = r["method"] != "none"
+        assert r["extra"]["epochs_run"] == int(trained) and (r["extra"]["steps"] > 0) == trained
     for r in records:
         assert r["block_order"] == ["layer1", "layer2", "fc"]
         assert 0.0 <= r["best"]["test_acc"] <= 100.0
@@ -80,7 +84,8 @@ def test_end_to_end_cifar10c_table_and_plot(tmp_path):
     prefix = {r["method"]: r["extra"]["precomputed_prefix"] for r in records}
     assert prefix["block:layer1"] == 0 and prefix["block:layer2"] == 1 and prefix["block:fc"] == 2
     table = (out / "table.md").read_text()
-    for label in ("No adaptation", "Full fine-tuning", "Block layer1", "Block layer2", "Block fc", "Auto-RGN"):
+    for label in ("No adaptation", "Full fine-tuning", "Block layer1", "Block layer2", "Block fc", "Auto-RGN",
+                  "Auto-RGN (official protocol)", "Auto-select"):
         assert label in table
     assert "cifar10c/fog/5" in table and "cifar10c/gaussian_noise/5" in table
     assert "cifar10c (mean of 2)" in table
@@ -213,6 +218,28 @@ def test_living17_from_imagenet_folder_and_celeba(tmp_path):
     assert paper.main(args) == 0
     table = (tmp_path / "out" / "table.md").read_text()
     assert "| method | celeba | living17 |" in table and "(ref 73.2)" in table and "wg" in table
+
+
+def test_auto_select_is_derived_per_seed_from_the_candidates_runs():
+    """Per seed: each candidate's lr is selected as usual, then the candidate with the best validation accuracy
+    (ties: lower loss) gives auto_select's numbers; a seed missing a candidate gets none."""
+    def rec(method, lr, seed, val, test, loss=1.0):
+        return {"run_id": f"{method}{lr}{seed}", "config_id": "c", "dataset": "d", "family": "d", "method": method,
+                "lr": lr, "seed": seed, "block_order": ["a", "b"],
+                "best": {"val_acc": val, "val_loss": loss, "test_acc": test}}
+
+    runs = [rec("all", 0.1, 0, 60, 61), rec("all", 0.01, 0, 40, 90),
+            rec("block:a", 0.1, 0, 70, 72, loss=0.9), rec("block:a", 0.01, 0, 20, 99),
+            rec("block:b", 0.1, 0, 70, 75, loss=0.5),  # ties block:a on accuracy, lower loss: chosen for seed 0
+            rec("all", 0.1, 1, 80, 81), rec("block:a", 0.1, 1, 50, 52), rec("block:b", 0.1, 1, 79, 10),
+            rec("all", 0.1, 2, 99, 99), rec("block:a", 0.1, 2, 10, 10)]  # seed 2 lacks block:b
+    s = summarise(runs)
+    picks = s[("d", "auto_select")]["selected"]
+    assert [(p["seed"], p["chosen"], p["lr"], p["test_acc"]) for p in picks] == [(0, "block:b", 0.1, 75),
+                                                                                 (1, "all", 0.1, 81)]
+    assert s[("d", "auto_select")]["test"].mean == pytest.approx(78.0)
+    assert paper.runs_for(["none", "auto_select", "auto_rgn_paper", "all"], ["a", "b"]) == [
+        "none", "block:a", "block:b", "all", "auto_rgn_paper"]
 
 
 def test_method_expansion_and_blocks():

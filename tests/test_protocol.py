@@ -450,3 +450,140 @@ def test_method_names_one_parser():
     for bad in ("bogus", "block:nope"):
         with pytest.raises(KeyError):
             method_names([bad], blocks)
+
+
+class _ReadsAhead(Method):
+    """``inner``'s training, but reading (and differentiating) the epoch's first ``ahead`` training losses at
+    every epoch start, as a method that sizes its optimizer from them does."""
+
+    def __init__(self, inner: Method, ahead: int) -> None:
+        self.inner, self.ahead, self.name = inner, ahead, inner.name
+
+    def setup(self, model, lr, config, make_optimizer):
+        return self.inner.setup(model, lr, config, make_optimizer)
+
+    def epoch_optimizer(self, model, optimizer, epoch, epochs, losses):
+        for loss in losses(self.ahead):
+            loss.backward()
+        for p in model.parameters():
+            p.grad = None
+        return optimizer
+
+
+@pytest.mark.parametrize("method", ["all", "layer3"])
+def test_reading_the_epochs_first_losses_changes_no_batch(method):
+    """Reading ahead takes the epoch's own first batches (through the precomputed prefix for layer3): the
+    training batches, their order and so every number are those of the method that does not look."""
+    m = _model()
+    data = (_data(48, 1), _data(24, 2), _data(30, 3))
+    plain = finetune(m, method, *data, config=CFG, seed=2, return_state=True)
+    looked = finetune(m, lambda: _ReadsAhead(make_method(method, m, CFG), 2), *data, config=CFG, seed=2,
+                      return_state=True)
+    assert looked.precomputed_prefix == plain.precomputed_prefix == (3 if method == "layer3" else 0)
+    assert looked.val_curves == plain.val_curves and (looked.lr, looked.epoch) == (plain.lr, plain.epoch)
+    for k in plain.state:
+        assert torch.equal(looked.state[k], plain.state[k]), k
+
+
+def test_epoch_losses_are_the_first_training_batches():
+    """losses(n) gives the loss of the epoch's first n batches in training order (one permutation per epoch
+    from a generator seeded with the run seed), with the weights the previous epoch left."""
+    seen: list[list[float]] = []
+
+    class Records(Method):
+        name = "records"
+
+        def setup(self, model, lr, config, make_optimizer):
+            return make_optimizer(select_blocks(model, "fc"))
+
+        def epoch_optimizer(self, model, optimizer, epoch, epochs, losses):
+            with torch.no_grad():
+                seen.append([float(loss) for loss in losses(10)])  # more than there are: all 3
+            self.model = model
+            return optimizer
+
+    m = _model()
+    (x, y), cfg = _data(48, 1), ProtocolConfig(lrs=(0.0,), epochs=2, batch_size=16)  # lr 0: weights stay
+    finetune(m, Records, (x, y), _data(24, 2), _data(30, 3), config=cfg, seed=7)
+    gen = torch.Generator().manual_seed(7)
+    for epoch_losses in seen:
+        order = torch.randperm(48, generator=gen)
+        with torch.no_grad():
+            want = [float(nn.functional.cross_entropy(m(x[order[i:i + 16]]), y[order[i:i + 16]]))
+                    for i in range(0, 48, 16)]
+        assert epoch_losses == pytest.approx(want, rel=1e-5)
+    assert len(seen) == 2
+
+
+def _offers(monkeypatch) -> list[tuple[float, int, float, float]]:
+    """(lr, epoch, val acc, val loss) of every epoch the protocol offers to its selection, in order."""
+    from benchmarks.protocol import loop
+
+    log: list = []
+    real = loop._Selection.offer
+
+    def offer(self, lr, epoch, val, model):
+        log.append((lr, epoch, val.acc, val.loss))
+        return real(self, lr, epoch, val, model)
+
+    monkeypatch.setattr(loop._Selection, "offer", offer)
+    return log
+
+
+def test_patience_that_never_triggers_changes_nothing():
+    m = _model()
+    data = (_data(48, 1), _data(24, 2), _data(30, 3))
+    full = finetune(m, "all", *data, config=CFG, seed=1).to_dict()
+    patient = finetune(m, "all", *data, config=ProtocolConfig(lrs=CFG.lrs, epochs=3, batch_size=16, patience=3),
+                       seed=1).to_dict()
+    for d in (full, patient):
+        d.pop("seconds")
+    assert patient == full
+    assert full["epochs_run"] == {"0.01": 3, "0.001": 3} and full["steps"] == {"0.01": 9, "0.001": 9}
+
+
+def test_patience_stops_each_lr_and_selects_as_the_full_run_over_the_epochs_run(monkeypatch):
+    """The full run's per-epoch validation scores say where patience 1 must stop each lr (the first epoch
+    that is not a new best of that lr); the stopped run must select the full run's best over those epochs."""
+    m = _model()
+    data = (_data(48, 1), _data(24, 2), _data(30, 3))
+    cfg = dict(lrs=(3e-2, 1e-2, 1e-3), epochs=6, batch_size=16)
+    log = _offers(monkeypatch)
+    full = finetune(m, "all", *data, config=ProtocolConfig(**cfg), seed=1)
+    kept = []
+    for lr in cfg["lrs"]:
+        best = None
+        for entry in (e for e in log if e[0] == lr):
+            kept.append(entry)
+            key = (entry[2], -entry[3])
+            if best is not None and key <= best:
+                break  # patience 1: the first epoch without a new best is the last one run
+            best = key
+    log.clear()
+    stopped = finetune(m, "all", *data, config=ProtocolConfig(**cfg, patience=1), seed=1)
+    assert log == kept  # the same epochs, the same numbers, up to the stop
+    assert sum(stopped.epochs_run.values()) < sum(full.epochs_run.values())  # it did stop early somewhere
+    want = max(kept, key=lambda e: (e[2], -e[3], -kept.index(e)))
+    assert (stopped.lr, stopped.epoch, stopped.val_acc) == (want[0], want[1], want[2])
+    for lr in cfg["lrs"]:
+        run = sum(1 for e in kept if e[0] == lr)
+        assert stopped.epochs_run[str(lr)] == len(stopped.val_curves[str(lr)]) == run
+        assert stopped.steps[str(lr)] == 3 * run  # 48 examples in batches of 16
+    with pytest.raises(ValueError):
+        ProtocolConfig(patience=0)
+
+
+def test_config_identity_unchanged_without_patience():
+    """Runs are identified by a hash of ``to_dict()``: without patience it has exactly the keys it had before
+    patience existed, with patience the key joins."""
+    before = {"lrs", "epochs", "batch_size", "weight_decay", "optimizer", "bn_eval", "precompute_prefix",
+              "eval_batch_size", "channels_last", "device", "method_options", "min_last_batch", "stop_on_nonfinite"}
+    assert set(ProtocolConfig().to_dict()) == before
+    assert ProtocolConfig(patience=4).to_dict()["patience"] == 4
+
+
+def test_new_method_names_are_read_by_the_one_parser():
+    assert method_names(["auto_select", "auto_rgn_paper"], ["stem", "fc"]) == ["auto_select", "auto_rgn_paper"]
+    assert {"auto_select", "auto_rgn_paper"} <= set(available_methods())
+    with pytest.raises(ValueError, match="select_method"):
+        make_method("auto_select", _model(), CFG)

@@ -8,8 +8,8 @@ Modules: ``cli`` (the command line, parsed once into the typed configs of ``conf
 
 from .cli import PROG, build_parser, harness_config, main
 from .config import DEFAULT_METHODS, FAMILIES, HarnessConfig, UsageError
-from .plan import Run, enumerate_runs
+from .plan import Run, enumerate_runs, runs_for
 from .sweep import paper_blocks
 
-__all__ = ["main", "build_parser", "harness_config", "enumerate_runs", "Run", "FAMILIES", "DEFAULT_METHODS",
-           "UsageError", "HarnessConfig", "paper_blocks", "PROG"]
+__all__ = ["main", "build_parser", "harness_config", "enumerate_runs", "runs_for", "Run", "FAMILIES",
+           "DEFAULT_METHODS", "UsageError", "HarnessConfig", "paper_blocks", "PROG"]

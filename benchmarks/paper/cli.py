@@ -86,10 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                    help="comma list: none, all (full fine-tuning), block:<name>, block:* (every block of the paper's "
                         "split), first, last, linear_probe (= last), auto_rgn, auto_snr, gradual_first_last, "
-                        "gradual_last_first, l1_sp")
+                        "gradual_last_first, l1_sp, auto_rgn_paper (Auto-RGN as the official code runs it), "
+                        "auto_select (per seed, the best of all and every block by validation accuracy: runs those, "
+                        "nothing more)")
     p.add_argument("--lrs", default=",".join(str(x) for x in PAPER_LRS), help="learning-rate grid")
     p.add_argument("--seeds", default="0,1,2", help="fine-tuning seeds")
     p.add_argument("--epochs", type=int, help="fine-tuning epochs (default per dataset)")
+    p.add_argument("--patience", type=int, help="stop a run after this many epochs in a row without a new best "
+                                                "validation accuracy (default: run every epoch)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--eval-batch-size", type=int, default=256)
@@ -204,10 +208,12 @@ def _finetune_config(args: argparse.Namespace, epochs: int) -> FinetuneConfig:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods:
         raise UsageError("--methods is empty")
+    if args.patience is not None and args.patience < 1:
+        raise UsageError(f"--patience must be at least 1, got {args.patience}")
     return FinetuneConfig(
         methods=tuple(methods), lrs=tuple(lrs), seeds=tuple(seeds), epochs=epochs, batch_size=args.batch_size,
         weight_decay=args.weight_decay, eval_batch_size=args.eval_batch_size, l1sp_weight=args.l1sp_weight,
-        snr_threshold=args.snr_threshold,
+        snr_threshold=args.snr_threshold, patience=args.patience,
     )
 
 

@@ -10,9 +10,10 @@ __all__ = ["FAMILIES", "DEFAULT_METHODS", "FAMILY_DEFAULTS", "DataConfig", "Sour
            "HarnessConfig", "UsageError"]
 
 FAMILIES = ("cifar10c", "imagenet_c", "living17", "entity30", "cifar_flip", "waterbirds", "celeba")
-#: methods run by default; "block:*" expands to one run per block of the model (the paper's split)
+#: methods run by default; "block:*" expands to one run per block of the model (the paper's split);
+#: "auto_select" costs no run of its own (the report picks among "all" and the blocks, ``plan.runs_for``)
 DEFAULT_METHODS = ("none", "all", "block:*", "auto_rgn", "auto_snr", "gradual_first_last", "gradual_last_first",
-                   "l1_sp")
+                   "l1_sp", "auto_rgn_paper", "auto_select")
 
 # Per-family defaults (every one overridable on the command line).
 FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -85,6 +86,8 @@ class FinetuneConfig:
     eval_batch_size: int
     l1sp_weight: float
     snr_threshold: float
+    #: early stopping (``ProtocolConfig.patience``); None: every epoch runs
+    patience: int | None = None
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ def protocol_config(cfg: FinetuneConfig, lr: float | None, arch: str, device: to
         device=device,
         method_options={"auto_snr": {"threshold": cfg.snr_threshold}, "l1_sp": {"strength": cfg.l1sp_weight}},
         blocks=paper_block_matcher(arch),
+        patience=cfg.patience,
     )
 
 
@@ -57,5 +58,6 @@ def finetune(run: Run, model: nn.Module, cfg: FinetuneConfig, arch: str, device:
                  "test_worst": _percent(res.worst_group_acc), "test_group_accs": groups},
         "val_curve": [_percent(v) for v in curve],
         "extra": {"diagnostics": next(iter(res.diagnostics.values()), {}) if res.diagnostics else {},
-                  "precomputed_prefix": res.precomputed_prefix, "seconds": res.seconds},
+                  "precomputed_prefix": res.precomputed_prefix, "seconds": res.seconds,
+                  "epochs_run": next(iter(res.epochs_run.values()), 0), "steps": next(iter(res.steps.values()), 0)},
     }

@@ -6,7 +6,11 @@ from dataclasses import dataclass
 
 from ..runs import config_hash
 
-__all__ = ["Run", "enumerate_runs", "shard_runs"]
+__all__ = ["Run", "enumerate_runs", "shard_runs", "runs_for", "SELECTED_IN_REPORT"]
+
+#: methods that are no run of their own: the report picks, per seed, among their candidates' runs (the choice
+#: ``benchmarks.protocol.select_method`` makes, over the same runs: no extra compute)
+SELECTED_IN_REPORT = ("auto_select",)
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,15 @@ def enumerate_runs(
     """All runs in a fixed order (variant, method, lr, seed); "none" has a single lr (None) per seed."""
     return [Run(v, family, m, lr, s, config_id) for v in variants for m in methods
             for lr in ([None] if m == "none" else lrs) for s in seeds]
+
+
+def runs_for(methods: list[str], blocks: list[str]) -> list[str]:
+    """The methods to run for ``methods`` (canonical names): ``auto_select`` stands for its candidates, every
+    block alone and ``all`` (``benchmarks.protocol.default_candidates``), each run once."""
+    out: list[str] = []
+    for m in methods:
+        out.extend([f"block:{b}" for b in blocks] + ["all"] if m in SELECTED_IN_REPORT else [m])
+    return list(dict.fromkeys(out))
 
 
 def shard_runs(runs: list[Run], shard: tuple[int, int]) -> list[Run]:

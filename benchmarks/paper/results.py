@@ -13,6 +13,10 @@ and evaluates target test there). Selection over the lr grid (as the official co
 each (dataset, method, seed) the run with the highest ``best.val_acc`` (ties: lower validation loss, then the
 larger lr) gives the reported target test accuracy (and worst-group accuracy). The table reports
 mean ± standard error (sample std / sqrt(n)) over seeds.
+
+``auto_select`` has no rows of its own: for each (dataset, seed) where full fine-tuning and every block of the
+split have a selected run, it is the one of them with the best validation accuracy (ties: lower validation
+loss; ``benchmarks.protocol.select_from_results``), the choice ``select_method`` makes over the same runs.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable
 
+from ..protocol.select import select_from_results
 from ..runs import Cell, read_results, select
 
 __all__ = [
@@ -64,6 +69,8 @@ def method_label(method: str) -> str:
         "gradual_first_last": "Gradual unfreeze first->last",
         "gradual_last_first": "Gradual unfreeze last->first",
         "l1_sp": "L1-SP",
+        "auto_rgn_paper": "Auto-RGN (official protocol)",
+        "auto_select": "Auto-select (best block or all, by validation)",
     }.get(method, method.replace("block:", "Block ") if method.startswith("block:") else method)
 
 
@@ -85,7 +92,28 @@ def _picks(records: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any
         entry = per[(name, method)]
         entry["family"] = runs[0].get("family", ds.split("/")[0])
         entry["picks"].append({"seed": seed, "block_order": runs[0].get("block_order"), **pick})
+    _add_auto_select(per)
     return per
+
+
+def _add_auto_select(per: dict[tuple[str, str], dict[str, Any]]) -> None:
+    """``auto_select``'s pick per (dataset, seed): the best of the picks of ``all`` and of every block of the
+    recorded split, where all of them exist (see the module docstring)."""
+    by_seed: dict[tuple[str, int], dict[str, dict]] = defaultdict(dict)
+    family: dict[str, str] = {}
+    for (name, method), entry in list(per.items()):
+        family[name] = entry["family"]
+        for pick in entry["picks"]:
+            by_seed[(name, pick["seed"])][method] = pick
+    for (name, seed), picks in sorted(by_seed.items(), key=lambda kv: kv[0]):
+        order = next((p["block_order"] for p in picks.values() if p.get("block_order")), None)
+        candidates = [f"block:{b}" for b in order or []] + ["all"]
+        if order is None or any(c not in picks for c in candidates):
+            continue
+        chosen, pick = select_from_results({c: picks[c] for c in candidates})
+        entry = per[(name, "auto_select")]
+        entry["family"] = family[name]
+        entry["picks"].append({**pick, "chosen": chosen})
 
 
 def _mean_over_variants(per: dict[tuple[str, str], dict[str, Any]], names: set[str], method: str) -> list[dict]:
@@ -131,7 +159,8 @@ def summarise(records: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, 
 
 def _method_order(methods: Iterable[str]) -> list[str]:
     fixed = ["none", "all"]
-    tail = ["auto_rgn", "auto_snr", "gradual_first_last", "gradual_last_first", "l1_sp"]
+    tail = ["auto_rgn", "auto_rgn_paper", "auto_snr", "gradual_first_last", "gradual_last_first", "l1_sp",
+            "auto_select"]
     ms = set(methods)
     blocks = [m for m in ms if m.startswith("block:")]
     rest = sorted(ms - set(fixed) - set(tail) - set(blocks))

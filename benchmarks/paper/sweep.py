@@ -26,7 +26,7 @@ from .config import HarnessConfig, UsageError
 from .data import TargetSplits, load_variant, prepare_data
 from .finetune import finetune
 from .models import build_model, paper_block_matcher
-from .plan import Run, enumerate_runs, shard_runs
+from .plan import Run, enumerate_runs, runs_for, shard_runs
 from .results import write_report
 from .source import get_source_model
 
@@ -64,6 +64,8 @@ def run_identity(cfg: HarnessConfig, source_hash: str) -> dict[str, Any]:
         "loader_kwargs": cfg.data.loader_kwargs,
         "l1sp_weight": ft.l1sp_weight,
         "snr_threshold": ft.snr_threshold,
+        # settings added later join the identity only when set, so earlier runs keep their ids
+        **({"patience": ft.patience} if ft.patience is not None else {}),
     }
 
 
@@ -136,8 +138,8 @@ def _sweep(cfg: HarnessConfig, rank: int, world: int) -> int:
         return 0
     identity = run_identity(cfg, source_hash)
     ft = cfg.finetune
-    runs = shard_runs(enumerate_runs(variants, cfg.data.family, methods, list(ft.lrs), list(ft.seeds),
-                                     config_hash(identity, 12)), cfg.shard)
+    runs = shard_runs(enumerate_runs(variants, cfg.data.family, runs_for(methods, blocks), list(ft.lrs),
+                                     list(ft.seeds), config_hash(identity, 12)), cfg.shard)
     todo = [r for r in runs if r.run_id not in done]
     if not cfg.quiet:
         print(f"{len(runs)} runs in shard {cfg.shard[0]}/{cfg.shard[1]}, {len(runs) - len(todo)} already "

@@ -26,11 +26,22 @@ Methods (``method`` argument, a string or a :class:`Method` instance):
 * ``"auto_snr"``: ``surgical_optim.AutoSNR`` (options: ``threshold``, ``samples``, ``estimator``);
 * ``"gradual_last_first"`` / ``"gradual_first_last"``: gradual unfreezing, one more block every
   ``epochs / n_blocks`` epochs (rounded up), starting from the last (resp. first) block;
-* ``"l1_sp"``: full fine-tuning plus ``strength * sum |theta - theta_pretrained|`` (option ``strength``).
+* ``"l1_sp"``: full fine-tuning plus ``strength * sum |theta - theta_pretrained|`` (option ``strength``);
+* ``"auto_rgn_paper"``: Auto-RGN as the official code runs it (:class:`AutoRGNPaper`: multipliers from the
+  first ``batches`` batches of each epoch, a fresh optimizer every epoch, ``exclude="bn"`` frozen);
+* ``"auto_select"``: every block alone and ``all`` (or ``method_options["auto_select"]["candidates"]``), the
+  one with the best validation score reported (:func:`select_method`; :func:`select_from_results` over results
+  at hand).
 
 Names are read by one parser (:func:`method_names`: the aliases of :data:`ALIASES`, ``block:*`` for one
 run per block). New methods: subclass :class:`Method` and call :func:`register_method`. Options for a method
-travel in ``ProtocolConfig.method_options[name]``.
+travel in ``ProtocolConfig.method_options[name]``. A method may replace the optimizer at the start of every
+epoch after looking at that epoch's first training losses (:meth:`Method.epoch_optimizer`).
+
+Early stopping: ``ProtocolConfig(patience=k)`` ends an lr's run after k epochs in a row without a new best
+validation score of that lr (accuracy, ties: lower loss); its curve then holds only the epochs that ran
+(``FinetuneResult.epochs_run``; ``FinetuneResult.steps`` counts the optimizer steps). Every epoch that ran is
+trained and evaluated exactly as without stopping, so the selection is the full run's over those epochs.
 
 The block split is an input: ``ProtocolConfig(blocks=matcher)`` (a ``surgical_optim`` matcher, parameter
 name -> block name; default the library's split). Every method resolves its blocks through
@@ -57,6 +68,7 @@ from .evaluate import evaluate
 from .loop import finetune
 from .methods import (
     ALIASES,
+    SELECTION_METHODS,
     AutoRGNMethod,
     AutoSNRMethod,
     BlockFineTuning,
@@ -70,6 +82,8 @@ from .methods import (
     method_names,
     register_method,
 )
+from .paper_rgn import AutoRGNPaper
+from .select import default_candidates, select_from_results, select_method
 from .stages import PrefixCache, split_stages
 
 __all__ = [
@@ -85,13 +99,18 @@ __all__ = [
     "AutoSNRMethod",
     "GradualUnfreezing",
     "L1SP",
+    "AutoRGNPaper",
     "ALIASES",
+    "SELECTION_METHODS",
     "PrefixCache",
     "register_method",
     "make_method",
     "method_names",
     "available_methods",
     "finetune",
+    "select_method",
+    "select_from_results",
+    "default_candidates",
     "evaluate",
     "split_stages",
     "default_optimizer",

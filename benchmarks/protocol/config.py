@@ -53,17 +53,27 @@ class ProtocolConfig:
     #: the block split every method and the frozen-prefix precompute use: a ``surgical_optim`` matcher
     #: (parameter name -> block name); None: the library's default split (``block_names(model)``)
     blocks: BlockMatcher | None = None
+    #: early stopping: an lr's run ends after this many consecutive epochs without a new best validation
+    #: score of that lr (accuracy, ties broken by the lower loss: ``selection_key``); None: every epoch runs
+    patience: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.patience is not None and self.patience < 1:
+            raise ValueError(f"patience must be at least 1 (or None), got {self.patience}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         del d["distributed"]
         d["optimizer"] = _callable_name(self.optimizer)
         d["device"] = str(self.device)
-        # the default split adds no key, so runs recorded before the split was an input keep their identity
+        # settings at their default that were added later add no key, so runs recorded before them keep
+        # their identity (the hash of this dict)
         if self.blocks is None:
             del d["blocks"]
         else:
             d["blocks"] = _callable_name(self.blocks)
+        if self.patience is None:
+            del d["patience"]
         return d
 
 
@@ -96,10 +106,19 @@ class FinetuneResult:
     test_loss: float
     worst_group_acc: float | None = None
     group_accs: dict[str, float] | None = None
-    #: per lr (``str(lr)``): validation accuracy after each epoch
+    #: per lr (``str(lr)``): validation accuracy after each epoch that ran (nan from a diverged epoch on;
+    #: shorter than ``epochs`` after early stopping)
     val_curves: dict[str, list[float]] = field(default_factory=dict)
     #: per lr: the method's diagnostics (e.g. Auto-RGN's mean multiplier per block)
     diagnostics: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: per lr: the epochs that ran to the end (fewer than ``epochs`` after early stopping or divergence)
+    epochs_run: dict[str, int] = field(default_factory=dict)
+    #: per lr: the optimizer steps taken (to tell a method that learns slowly from one that stepped less)
+    steps: dict[str, int] = field(default_factory=dict)
+    #: ``auto_select`` only: the candidate method whose result this is
+    chosen: str | None = None
+    #: ``auto_select`` only: per candidate, its selected ``lr``, ``epoch``, ``val_acc`` and ``val_loss``
+    candidates: dict[str, dict[str, Any]] = field(default_factory=dict)
     seconds: float = 0.0
     #: how many leading blocks of the split were run once, frozen, instead of in every step
     precomputed_prefix: int = 0

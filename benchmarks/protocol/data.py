@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["Batch", "Split", "share", "shard_loader", "to_device"]
+__all__ = ["Batch", "Split", "PeekableBatches", "share", "shard_loader", "to_device"]
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
 
@@ -88,6 +88,30 @@ class Split:
             elif shard is not None and k % shard[1] != shard[0]:
                 continue
             yield x[idx], y[idx], None if g is None else g[idx]
+
+
+class PeekableBatches:
+    """One epoch's training batches, readable ahead: :meth:`peek` returns the first ``n`` and keeps them,
+    iteration then yields every batch from the first. Reading ahead draws nothing extra from the shuffling
+    generator, so it changes neither the batches nor their order (nor a later epoch's)."""
+
+    def __init__(self, batches: Iterator[Batch]) -> None:
+        self._source = iter(batches)
+        self._ahead: list[Batch] = []
+
+    def peek(self, n: int) -> list[Batch]:
+        """The first ``n`` batches (fewer if the epoch has fewer); only before iteration starts."""
+        while len(self._ahead) < n:
+            batch = next(self._source, None)
+            if batch is None:
+                break
+            self._ahead.append(batch)
+        return self._ahead[:n]
+
+    def __iter__(self) -> Iterator[Batch]:
+        while self._ahead:
+            yield self._ahead.pop(0)
+        yield from self._source
 
 
 def _as_batch(item: Any) -> Batch:

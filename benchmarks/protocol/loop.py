@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,10 +14,11 @@ from torch import nn
 
 from ..runs.stats import selection_key
 from .config import EvalResult, FinetuneResult, ProtocolConfig, default_optimizer
-from .data import Split, to_device
+from .data import PeekableBatches, Split, to_device
 from .evaluate import evaluate_split
-from .methods import Method, make_method
+from .methods import ALIASES, SELECTION_METHODS, EpochLosses, Method, make_method
 from .stages import PrefixCache, Stages, forward_stages, frozen_prefix, prefix_split, split_stages
+from .stopping import Plateau
 
 __all__ = ["finetune"]
 
@@ -80,25 +81,36 @@ def finetune(
     ``prefix_cache`` + ``data_key``: share precomputed prefix activations between calls on the same
     data (``data_key`` must identify the data; activations of ``train``/``val``/``test`` are stored
     under ``data_key + '/train'`` etc.). ``stages``: the model as sequential stages, one per block of
-    ``config.blocks`` (default: derived from the model). ``progress(n)`` is called after every epoch with n=1.
+    ``config.blocks`` (default: derived from the model). ``progress(n)`` is called after every epoch with n=1
+    (and with the number of epochs left out when an lr's run stops early).
+    ``method="auto_select"`` runs :func:`~benchmarks.protocol.select.select_method` (candidates from
+    ``config.method_options["auto_select"]["candidates"]``, default every block and ``all``).
     """
     cfg = config or ProtocolConfig()
+    if isinstance(method, str) and ALIASES.get(method, method) in SELECTION_METHODS:
+        from .select import configured_candidates, select_method  # select builds on finetune
+
+        return select_method(model, configured_candidates(cfg), train, val, test, config=cfg, seed=seed,
+                             prefix_cache=prefix_cache, data_key=data_key, stages=stages, return_state=return_state,
+                             progress=progress)
     started = time.perf_counter()
     run = _prepare(model, method, (train, val, test), cfg, stages, prefix_cache, data_key)
     name = run.method.name if isinstance(method, Method) else str(method)
     if not run.method.trains:
         return _result(run, cfg, name, seed, started, _Selection(info={"lr": None, "epoch": 0}), return_state)
     initial = {k: v.detach().clone() for k, v in run.work.state_dict().items()}
-    selection, curves, diagnostics = _Selection(), {}, {}
+    selection, records = _Selection(), {}
     for lr in cfg.lrs:
-        curves[str(lr)], diagnostics[str(lr)] = _train_one_lr(run, method, lr, cfg, seed, initial, selection,
-                                                              progress)
+        records[str(lr)] = _train_one_lr(run, method, lr, cfg, seed, initial, selection, progress)
     if selection.state is None:  # every lr diverged at once: report the pre-trained model
         selection = _Selection(info={"lr": None, "epoch": 0, "val_acc": float("nan"), "val_loss": float("nan")},
                                state=initial)
     run.work.load_state_dict(selection.state)
     result = _result(run, cfg, name, seed, started, selection, return_state)
-    result.val_curves, result.diagnostics = curves, diagnostics
+    result.val_curves = {lr: r.curve for lr, r in records.items()}
+    result.diagnostics = {lr: r.diagnostics for lr, r in records.items()}
+    result.epochs_run = {lr: r.epochs for lr, r in records.items()}
+    result.steps = {lr: r.steps for lr, r in records.items()}
     return result
 
 
@@ -201,11 +213,23 @@ class _DataParallel:
         return self.module
 
 
+@dataclass
+class _LrRecord:
+    """One lr's run: validation accuracy per epoch (nan once the loss diverged), the epochs that ran to the
+    end, the optimizer steps taken, the method's diagnostics."""
+
+    curve: list[float] = field(default_factory=list)
+    epochs: int = 0
+    steps: int = 0
+    diverged: bool = False
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+
+
 def _train_one_lr(run: _Prepared, spec: MethodSpec, lr: float, cfg: ProtocolConfig, seed: int,
                   initial: dict[str, torch.Tensor], selection: _Selection,
-                  progress: Callable[[int], None] | None) -> tuple[list[float], dict[str, Any]]:
-    """Train from ``initial`` for every epoch at ``lr``, offering each epoch to ``selection``; returns the
-    validation curve and the method's diagnostics."""
+                  progress: Callable[[int], None] | None) -> _LrRecord:
+    """Train from ``initial`` at ``lr`` for every epoch (or until the validation score plateaus, see
+    ``ProtocolConfig.patience``), offering each epoch to ``selection``."""
     run.work.load_state_dict(initial)
     for p in run.work.parameters():
         p.grad = None
@@ -214,30 +238,62 @@ def _train_one_lr(run: _Prepared, spec: MethodSpec, lr: float, cfg: ProtocolConf
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     ddp = _DataParallel() if run.shard is not None else None
-    curve: list[float] = []
-    steps: int | None = 0  # None once the loss became non-finite
+    record, plateau = _LrRecord(), Plateau(cfg.patience)
     for epoch in range(1, cfg.epochs + 1):
-        run.work.train(not cfg.bn_eval)
-        method.on_epoch_start(run.work, optimizer, epoch - 1, cfg.epochs)
-        if steps is not None:
-            forward = run.forward if ddp is None else ddp.wrap(run.forward, run.device)  # type: ignore[arg-type]
-            steps = _train_epoch(run, forward, method, optimizer, cfg, gen, steps)
-        if steps is None:
-            curve.append(float("nan"))
+        optimizer = _run_epoch(run, method, optimizer, cfg, gen, ddp, epoch, record)
+        if record.diverged:
+            record.curve.append(float("nan"))
         else:
             val = run.evaluate("val", cfg)
-            curve.append(val.acc)
+            record.curve.append(val.acc)
+            record.epochs += 1
             selection.offer(lr, epoch, val, run.work)
+            plateau.offer(selection_key(val.acc, val.loss))
         if progress is not None:
             progress(1)
-    return curve, method.diagnostics()
+        if plateau.stalled:
+            if progress is not None and epoch < cfg.epochs:
+                progress(cfg.epochs - epoch)
+            break
+    record.diagnostics = method.diagnostics()
+    return record
+
+
+def _run_epoch(run: _Prepared, method: Method, optimizer: torch.optim.Optimizer, cfg: ProtocolConfig,
+               gen: torch.Generator, ddp: _DataParallel | None, epoch: int, record: _LrRecord) -> torch.optim.Optimizer:
+    """The method's epoch-start hooks, then one pass over the training batches (none once diverged); the
+    optimizer the epoch used."""
+    run.work.train(not cfg.bn_eval)
+    method.on_epoch_start(run.work, optimizer, epoch - 1, cfg.epochs)
+    if record.diverged:
+        return optimizer
+    batches = PeekableBatches(run.splits["train"].batches(cfg.batch_size, shuffle=True, generator=gen,
+                                                          min_last=cfg.min_last_batch, shard=run.shard))
+    optimizer = method.epoch_optimizer(run.work, optimizer, epoch - 1, cfg.epochs,
+                                       _epoch_losses(run, _trained(run, ddp), batches, cfg))
+    _train_epoch(run, _trained(run, ddp), method, optimizer, cfg, batches, record)
+    return optimizer
+
+
+def _trained(run: _Prepared, ddp: _DataParallel | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The function a step differentiates: the model after any precomputed prefix, in DDP when data-parallel."""
+    return run.forward if ddp is None else ddp.wrap(run.forward, run.device)  # type: ignore[arg-type]
+
+
+def _epoch_losses(run: _Prepared, forward: Callable[[torch.Tensor], torch.Tensor], batches: PeekableBatches,
+                  cfg: ProtocolConfig) -> EpochLosses:
+    """``losses(n)``: the training losses of the epoch's first ``n`` batches (``Method.epoch_optimizer``)."""
+    def losses(n: int) -> Iterator[torch.Tensor]:
+        for xb, yb, _ in batches.peek(n):
+            yield _loss(forward, to_device(xb, run.device, cfg.channels_last), yb.to(run.device), run.shard)[0]
+    return losses
 
 
 def _train_epoch(run: _Prepared, forward: Callable[[torch.Tensor], torch.Tensor], method: Method,
-                 optimizer: torch.optim.Optimizer, cfg: ProtocolConfig, gen: torch.Generator, step: int) -> int | None:
-    """One pass over the training batches; the step count after it, or None if the loss became non-finite."""
-    batches = run.splits["train"].batches(cfg.batch_size, shuffle=True, generator=gen, min_last=cfg.min_last_batch,
-                                          shard=run.shard)
+                 optimizer: torch.optim.Optimizer, cfg: ProtocolConfig, batches: PeekableBatches,
+                 record: _LrRecord) -> None:
+    """One pass over the training batches, counted in ``record`` (which notes a non-finite loss: the run
+    stops there)."""
     for xb, yb, _ in batches:
         xb, yb = to_device(xb, run.device, cfg.channels_last), yb.to(run.device)
         optimizer.zero_grad(set_to_none=True)
@@ -247,12 +303,12 @@ def _train_epoch(run: _Prepared, forward: Callable[[torch.Tensor], torch.Tensor]
             loss = loss + extra
             check = loss if run.shard is None else check + extra.detach()
         if cfg.stop_on_nonfinite and not torch.isfinite(check):
-            return None
+            record.diverged = True
+            return
         loss.backward()
         optimizer.step()
-        step += 1
-        method.after_step(run.work, optimizer, step)
-    return step
+        record.steps += 1
+        method.after_step(run.work, optimizer, record.steps)
 
 
 def _loss(forward: Callable[[torch.Tensor], torch.Tensor], xb: torch.Tensor, yb: torch.Tensor,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -20,15 +20,20 @@ from .config import ProtocolConfig
 
 __all__ = [
     "Method", "NoAdaptation", "FullFineTuning", "BlockFineTuning", "AutoRGNMethod", "AutoSNRMethod",
-    "GradualUnfreezing", "L1SP", "ALIASES", "register_method", "available_methods", "method_names", "make_method",
+    "GradualUnfreezing", "L1SP", "ALIASES", "SELECTION_METHODS", "EpochLosses", "register_method",
+    "available_methods", "method_names", "make_method",
 ]
+
+#: ``losses(n)``: the training losses of the epoch's first ``n`` batches (see :meth:`Method.epoch_optimizer`)
+EpochLosses = Callable[[int], Iterator[torch.Tensor]]
 
 
 class Method:
     """A fine-tuning method: which parameters train, with which optimizer, and per-epoch/step hooks.
 
     A fresh instance is made for every learning rate of the grid (see :func:`register_method`).
-    Override :meth:`setup` (mandatory), and optionally :meth:`on_epoch_start`, :meth:`penalty`, :meth:`after_step`, :meth:`diagnostics`.
+    Override :meth:`setup` (mandatory), and optionally :meth:`on_epoch_start`, :meth:`epoch_optimizer`,
+    :meth:`penalty`, :meth:`after_step`, :meth:`diagnostics`.
     """
 
     name: str = "method"
@@ -47,6 +52,18 @@ class Method:
 
     def on_epoch_start(self, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, epochs: int) -> None:
         pass
+
+    def epoch_optimizer(self, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, epochs: int,
+                        losses: EpochLosses) -> torch.optim.Optimizer:
+        """The optimizer for epoch ``epoch`` (0-based; called after :meth:`on_epoch_start`, with the weights
+        as the previous epoch left them); default ``optimizer`` itself. ``losses(n)`` yields the training loss
+        of each of this epoch's first ``n`` batches (fewer if it has fewer), computed as a training step computes
+        it (after a precomputed prefix; under DDP this rank's share, scaled so that the all-reduced gradient is
+        the global batch's), without :meth:`penalty`. Call ``backward()`` on each before reading the next (DDP
+        reduces in backward) and clear the gradients afterwards. Reading them does not change the batches the
+        epoch trains on. Which parameters require grad must not change here (do that in
+        :meth:`on_epoch_start`)."""
+        return optimizer
 
     def penalty(self, model: nn.Module) -> torch.Tensor | None:
         return None
@@ -223,9 +240,14 @@ def register_method(name: str, factory: Callable[..., Method]) -> None:
     _REGISTRY[name] = factory
 
 
+#: names that pick one of several methods' results rather than train one way (``finetune`` hands them to
+#: ``benchmarks.protocol.select``); not :class:`Method` s, so :func:`make_method` refuses them
+SELECTION_METHODS: tuple[str, ...] = ("auto_select",)
+
+
 def available_methods(model: nn.Module | None = None) -> list[str]:
-    """Registered method names, plus the model's block names when a model is given."""
-    names = list(_REGISTRY)
+    """Registered method names and the selection methods, plus the model's block names when a model is given."""
+    names = list(_REGISTRY) + list(SELECTION_METHODS)
     if model is not None:
         names += [n for n in block_names(model) if n not in _REGISTRY]
     return names
@@ -250,8 +272,8 @@ def _block_of(name: str, blocks: list[str]) -> str | None:
 def _unknown(name: str, blocks: list[str]) -> KeyError:
     if name.startswith("block:"):
         return KeyError(f"{name}: no such block; the blocks are {', '.join(blocks)}")
-    return KeyError(f"{name}: unknown method; known: {', '.join(_REGISTRY)}, block:<name>, block:*, first, last, "
-                    f"{', '.join(ALIASES)}")
+    return KeyError(f"{name}: unknown method; known: {', '.join([*_REGISTRY, *SELECTION_METHODS])}, block:<name>, "
+                    f"block:*, first, last, {', '.join(ALIASES)}")
 
 
 def method_names(specs: Iterable[str], blocks: list[str]) -> list[str]:
@@ -263,7 +285,7 @@ def method_names(specs: Iterable[str], blocks: list[str]) -> list[str]:
         name = ALIASES.get(spec, spec)
         if name == "block:*":
             out.extend(f"block:{b}" for b in blocks)
-        elif name in _REGISTRY:
+        elif name in _REGISTRY or name in SELECTION_METHODS:
             out.append(name)
         elif (which := _block_of(name, blocks)) is not None:
             out.append("block:" + {"first": blocks[0], "last": blocks[-1]}.get(which, which))
@@ -282,6 +304,9 @@ def make_method(spec: str | Method | Callable[[], Method], model: nn.Module, con
     if not isinstance(spec, str):
         raise TypeError(f"method must be a name or a Method, got {type(spec).__name__}")
     name = ALIASES.get(spec, spec)
+    if name in SELECTION_METHODS:
+        raise ValueError(f"{name} runs several methods and picks one: call finetune() or select_method(), "
+                         "not make_method()")
     options = dict(config.method_options.get(name, config.method_options.get(spec, {})))
     if name in _REGISTRY:
         return _REGISTRY[name](**options)
