@@ -40,6 +40,35 @@ Edge cases (chosen so that multipliers are always finite and in [0, 1])
   gradients set the multipliers that step uses, so this value never scales an update.
 * Tensors without a gradient this step are left to the inner optimizer (which skips them); they
   count as RGN 0 in the current window and, between refreshes, keep their multiplier.
+
+The normaliser (``quantile``, ``max_over``, ``per``)
+-------------------------------------------------
+By default (the paper's rule) each multiplier is ``RGN / max RGN``. The tensors that *take part* in
+the normaliser are those with a gradient, not excluded, with a finite gradient and a bounded RGN
+(the zero-weight and non-finite cases above take no part); with ``refresh_every > 1``, those that
+took part at any step of the window, with their RGN averaged over the window as above.
+
+* ``quantile=q < 1``: the normaliser is ``Q``, the q-quantile of the RGNs taking part (as
+  ``torch.quantile``, linear interpolation), and the multiplier is ``min(1, RGN / Q)``: the tensors
+  above ``Q`` saturate at 1, so a few tensors with a tiny norm (a zero-initialised bias once it has
+  moved, fresh LoRA B matrices) cannot squash every other multiplier. ``Q = 0`` (when none takes
+  part, or at least that share of the RGNs is 0) gives 1 to a positive RGN and 0 to an RGN of 0
+  (0/0 -> 0, as when every gradient is zero).
+* ``max_over="matrices"``: only tensors with at least 2 dimensions set ``Q`` (as LARS and LAMB leave
+  biases and norm weights out); 1-D and 0-D tensors still get ``min(1, RGN / Q)``. When no tensor
+  with 2 or more dimensions takes part, every tensor taking part sets ``Q``.
+* ``per="group"``: one RGN per param group, ``||g|| / ||theta||`` of the concatenation of its
+  tensors that have a gradient and are not excluded (from the per-tensor norms: the square root of
+  the sum of their squares, computed scaled so that it neither under- nor overflows). The edge
+  cases above hold per group: a group whose weight norm is 0 (every tensor of it zero) with a
+  non-zero gradient gets 1; a group with a non-finite gradient in any of its tensors gets 0 and
+  takes no part; a group without any gradient this step counts as RGN 0. The normaliser is taken
+  over groups (for ``max_over="matrices"``, groups holding a non-excluded tensor with at least 2
+  dimensions), and every tensor of the group reads the group's multiplier, excluded tensors
+  aside, which read 0.
+
+The statistics are computed from whole-tensor norms, after the shards of FSDP2/HSDP parameters
+have been combined, so every rank takes the same quantile of the same vector.
 """
 
 from __future__ import annotations
@@ -60,6 +89,8 @@ from ._wrapper import OptimizerWrapper
 __all__ = ["AutoRGN"]
 
 _UPDATES = ("auto", "per_tensor_lr", "scaled_step")
+_MAX_OVER = ("all", "matrices")
+_PER = ("tensor", "group")
 # rescale= was the name of update= up to 0.2: "fold" folded the multiplier into the update
 _RESCALE_TO_UPDATE = {"auto": "auto", "fold": "per_tensor_lr", "snapshot": "scaled_step"}
 
@@ -68,12 +99,13 @@ def _rgn(
     grad_norms: torch.Tensor,
     param_norms: torch.Tensor,
     include: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Vectorised RGN with the edge cases of the module docstring.
 
-    Returns ``(rgn, unbounded)``: the relative gradient norms (0 where not meaningful) and a mask of
-    tensors whose RGN is unbounded (zero weight norm, or a ratio beyond the float range) with a
-    non-zero finite gradient. On the inputs' device; no host synchronisation.
+    Returns ``(rgn, unbounded, takes_part)``: the relative gradient norms (0 where not meaningful),
+    a mask of tensors whose RGN is unbounded (zero weight norm, or a ratio beyond the float range)
+    with a non-zero finite gradient, and a mask of those that take part in the normaliser (included,
+    finite, bounded). On the inputs' device; no host synchronisation.
     """
     grad_finite = torch.isfinite(grad_norms) & torch.isfinite(param_norms)
     ratio = grad_norms / torch.where(param_norms > 0, param_norms, torch.ones_like(param_norms))
@@ -81,16 +113,82 @@ def _rgn(
     usable = include & grad_finite
     rgn = torch.where(usable & bounded, ratio, torch.zeros_like(ratio))
     unbounded = usable & ~bounded & (grad_norms > 0)
-    return rgn, unbounded
+    return rgn, unbounded, usable & bounded
 
 
-def _normalise(rgn: torch.Tensor, unbounded: torch.Tensor) -> torch.Tensor:
-    """Divide by the largest RGN (so the result is in [0, 1]); unbounded tensors get 1."""
-    largest = rgn.amax() if rgn.numel() else rgn.new_zeros(())
+def _normalise(
+    rgn: torch.Tensor, unbounded: torch.Tensor, scale_set: torch.Tensor | None = None, quantile: float = 1.0
+) -> torch.Tensor:
+    """``min(1, RGN / Q)``, unbounded tensors 1. ``Q`` is the largest RGN (``scale_set`` None: the
+    paper's rule, its arithmetic unchanged) or the ``quantile`` of the RGNs in ``scale_set``."""
+    if scale_set is None:
+        largest = rgn.amax() if rgn.numel() else rgn.new_zeros(())
+    else:
+        # NaN marks the entries outside the set: nanquantile interpolates over the others alone,
+        # with a count that stays on the device; an empty set gives NaN, read as Q = 0
+        outside = torch.full_like(rgn, float("nan"))
+        largest = torch.nan_to_num(torch.nanquantile(torch.where(scale_set, rgn, outside), quantile), nan=0.0)
     # max(largest, tiny) keeps 0/0 at 0 when every gradient is zero.
     scaled = rgn / torch.clamp(largest, min=torch.finfo(rgn.dtype).tiny)
     scaled = torch.clamp(scaled, 0.0, 1.0)
     return torch.where(unbounded, torch.ones_like(scaled), scaled)
+
+
+def _scale_set(took_part: torch.Tensor, is_matrix: torch.Tensor, max_over: str) -> torch.Tensor:
+    """The entries that set the normaliser: those taking part, restricted to matrices for
+    ``max_over="matrices"`` unless no matrix takes part (decided on the device)."""
+    if max_over == "all":
+        return took_part
+    matrices = took_part & is_matrix
+    return torch.where(matrices.any(), matrices, took_part)
+
+
+class _Grouping:
+    """Param-group structure for ``per="group"``: each tensor's group (non-empty groups numbered
+    densely), each group's first tensor, and which groups hold a non-excluded tensor of 2+ dims."""
+
+    def __init__(self, param_groups: list[dict[str, Any]], excluded: list[bool], device: torch.device) -> None:
+        group_of: list[int] = []
+        first_member: list[int] = []
+        holds_matrix: list[bool] = []
+        for group in param_groups:
+            if not group["params"]:
+                continue
+            first_member.append(len(group_of))
+            members = range(len(group_of), len(group_of) + len(group["params"]))
+            holds_matrix.append(any(p.dim() >= 2 and not excluded[i] for i, p in zip(members, group["params"])))
+            group_of.extend([len(first_member) - 1] * len(group["params"]))
+        self.count = len(first_member)
+        self.group_of = torch.tensor(group_of, dtype=torch.long, device=device)
+        self.first_member = torch.tensor(first_member, dtype=torch.long, device=device)
+        self.holds_matrix = torch.tensor(holds_matrix, dtype=torch.bool, device=device)
+
+
+def _group_norm(norms: torch.Tensor, grouping: _Grouping) -> torch.Tensor:
+    """Per group, the norm of the concatenation of its tensors from their norms (0 for a tensor that
+    does not count): ``s sqrt(sum (n / s)^2)`` with ``s`` the group's largest norm, so that neither
+    tiny nor huge norms under- or overflow when squared. NaN for a group with a non-finite norm."""
+    finite = torch.isfinite(norms)
+    safe = torch.where(finite, norms, torch.zeros_like(norms))
+    largest = safe.new_zeros(grouping.count).scatter_reduce_(0, grouping.group_of, safe, "amax")
+    divisor = torch.where(largest > 0, largest, torch.ones_like(largest)).index_select(0, grouping.group_of)
+    ratio = safe / divisor
+    total = largest * torch.sqrt(safe.new_zeros(grouping.count).index_add_(0, grouping.group_of, ratio * ratio))
+    non_finite = norms.new_zeros(grouping.count).index_add_(0, grouping.group_of, (~finite).to(norms.dtype)) > 0
+    return torch.where(non_finite, torch.full_like(total, float("nan")), total)
+
+
+def _per_group(
+    grad_norms: torch.Tensor, param_norms: torch.Tensor, include: torch.Tensor, grouping: _Grouping
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each tensor's group's gradient norm, weight norm and inclusion (any tensor of it included),
+    over the included tensors only: ``_rgn`` then gives every tensor its group's RGN."""
+    counted = [torch.where(include, v, torch.zeros_like(v)) for v in (grad_norms, param_norms)]
+    members = include.to(grad_norms.dtype)
+    group_include = members.new_zeros(grouping.count).index_add_(0, grouping.group_of, members) > 0
+    per_group = [_group_norm(v, grouping) for v in counted] + [group_include]
+    grad, param, included = (v.index_select(0, grouping.group_of) for v in per_group)
+    return grad, param, included
 
 
 class AutoRGN(OptimizerWrapper):
@@ -117,6 +215,19 @@ class AutoRGN(OptimizerWrapper):
             uses ``"per_tensor_lr"`` where possible.
         rescale: deprecated spelling of ``update`` (``"fold"`` = ``"per_tensor_lr"``,
             ``"snapshot"`` = ``"scaled_step"``).
+        quantile: the multiplier is ``min(1, RGN / Q)`` with ``Q`` this quantile (``torch.quantile``,
+            linear interpolation) of the RGNs taking part (see the module docstring). 1.0 (default)
+            is the largest, the paper's rule; 0.9 lets about a tenth of the tensors saturate at 1,
+            so a few tiny or freshly initialised tensors (zero-initialised biases once they move,
+            LoRA B matrices) cannot squash every other multiplier. A number in (0, 1].
+        max_over: which tensors set ``Q``: ``"all"`` (default) or ``"matrices"``, those with at
+            least 2 dimensions (biases and norm weights are left out, as in LARS and LAMB; they
+            still get ``min(1, RGN / Q)``). Falls back to all tensors on a step where no matrix
+            takes part.
+        per: ``"tensor"`` (default): one RGN per tensor. ``"group"``: one RGN per param group,
+            ``||g|| / ||theta||`` over the concatenation of its tensors with gradients (excluded
+            tensors aside), shared by all its tensors; ``Q`` is taken over groups. With
+            ``param_groups_by_block(model)`` this is a per-block statistic.
 
     Use ``scaler.unscale_(wrapper)`` / ``scaler.step(wrapper)`` with a GradScaler: always pass the
     wrapper, never the inner optimizer, to the scaler.
@@ -133,8 +244,12 @@ class AutoRGN(OptimizerWrapper):
         model: torch.nn.Module | None = None,
         update: str = "auto",
         rescale: str | None = None,
+        quantile: float = 1.0,
+        max_over: str = "all",
+        per: str = "tensor",
     ) -> None:
         super().__init__(optimizer)
+        self.quantile, self.max_over, self.per = _check_normaliser(quantile, max_over, per)
         if rescale is not None:
             update = _update_from_rescale(rescale, update)
         if update not in _UPDATES:
@@ -190,6 +305,8 @@ class AutoRGN(OptimizerWrapper):
     # ------------------------------------------------------------------ layout and buffers
     def _reset_statistics(self, n: int) -> None:
         self._excluded = [self._is_excluded(p) for p in self._params_cache]
+        self._excluded_mask = torch.tensor(self._excluded, dtype=torch.bool, device=self._device)
+        self._is_matrix = torch.tensor([p.dim() >= 2 for p in self._params_cache], device=self._device)
         self._has_complex = any(torch.is_complex(p) for p in self._params_cache)
         self._plans: dict = {}
         # every parameter's positions: the collective's shape is the layout's, not this step's
@@ -200,6 +317,7 @@ class AutoRGN(OptimizerWrapper):
         self._multipliers = torch.ones(n, **opts)  # nothing scaled before the first step
         self._rgn_sum = torch.zeros(n, **opts)
         self._zero_weight_any = torch.zeros(n, device=self._device, dtype=torch.bool)
+        self._took_part_any = torch.zeros(n, device=self._device, dtype=torch.bool)
         self._window_steps = torch.zeros((), **opts)
         self._initialised = torch.zeros((), device=self._device, dtype=torch.bool)
 
@@ -341,11 +459,14 @@ class AutoRGN(OptimizerWrapper):
         full_grad = torch.zeros(n, device=self._device, dtype=self._dtype).index_copy_(0, index, grad_norms)
         full_param = torch.ones(n, device=self._device, dtype=self._dtype).index_copy_(0, index, param_norms)
         include = torch.zeros(n, device=self._device, dtype=torch.bool).index_fill_(0, index, True)
-        rgn, zero_weight = _rgn(full_grad, full_param, include)
+        if self.per == "group":  # every tensor holds its group's norms, so its group's RGN
+            full_grad, full_param, include = _per_group(full_grad, full_param, include, self._grouping())
+        rgn, zero_weight, took_part = _rgn(full_grad, full_param, include)
         self._rgn_sum.add_(rgn)
         self._zero_weight_any.logical_or_(zero_weight)
+        self._took_part_any.logical_or_(took_part)
         self._window_steps.add_(1)
-        candidate = _normalise(self._rgn_sum / self._window_steps, self._zero_weight_any)
+        candidate = self._candidate_multipliers()
         window_done = self._window_steps >= self.refresh_every
         refresh = window_done | ~self._initialised
         # a tensor without a gradient this step contributes RGN 0 to the window; between refreshes
@@ -353,8 +474,35 @@ class AutoRGN(OptimizerWrapper):
         self._multipliers.copy_(torch.where(refresh, candidate, self._multipliers))
         self._rgn_sum.mul_(~window_done)
         self._zero_weight_any.logical_and_(~window_done)
+        self._took_part_any.logical_and_(~window_done)
         self._window_steps.mul_(~window_done)
         self._initialised.fill_(True)
+
+    def _candidate_multipliers(self) -> torch.Tensor:
+        """The multipliers from the window's mean RGN, normalised as ``quantile``/``max_over``/``per``
+        say (the module docstring)."""
+        mean_rgn = self._rgn_sum / self._window_steps
+        paper_rule = self.quantile == 1.0 and self.max_over == "all"
+        if self.per == "tensor":
+            scale_set = None if paper_rule else _scale_set(self._took_part_any, self._is_matrix, self.max_over)
+            return _normalise(mean_rgn, self._zero_weight_any, scale_set, self.quantile)
+        grouping = self._grouping()
+        # every tensor of a group holds the group's statistics: its first tensor's stand for it
+        rgn, unbounded, took_part = (
+            v.index_select(0, grouping.first_member) for v in (mean_rgn, self._zero_weight_any, self._took_part_any)
+        )
+        scale_set = None if paper_rule else _scale_set(took_part, grouping.holds_matrix, self.max_over)
+        per_group = _normalise(rgn, unbounded, scale_set, self.quantile)
+        shared = per_group.index_select(0, grouping.group_of)
+        return torch.where(self._excluded_mask, torch.zeros_like(shared), shared)
+
+    def _grouping(self) -> _Grouping:
+        """The cached param-group structure (keyed by the group sizes, as the fold layout is)."""
+        key = ("grouping", tuple(len(g["params"]) for g in self.param_groups))
+        grouping = self._plans.get(key)
+        if grouping is None:
+            grouping = self._plans[key] = _Grouping(self.param_groups, self._excluded, self._device)
+        return grouping
 
     @staticmethod
     def _rescale_updates(
@@ -385,12 +533,15 @@ class AutoRGN(OptimizerWrapper):
             "multipliers": self._multipliers.clone(),
             "rgn_sum": self._rgn_sum.clone(),
             "zero_weight_any": self._zero_weight_any.clone(),
+            "took_part_any": self._took_part_any.clone(),
             "window_steps": self._window_steps.clone(),
             "initialised": self._initialised.clone(),
         }
 
     def _load_wrapper_state(self, state: dict[str, Any]) -> None:
-        for key in ("multipliers", "rgn_sum", "zero_weight_any", "window_steps", "initialised"):
+        if "took_part_any" not in state:  # saved by an earlier version: a positive mean RGN took part
+            state = {**state, "took_part_any": state["rgn_sum"] > 0}
+        for key in ("multipliers", "rgn_sum", "zero_weight_any", "took_part_any", "window_steps", "initialised"):
             target = getattr(self, "_" + key)
             # shapes were checked against the parameters before anything was loaded
             target.copy_(state[key].to(device=target.device, dtype=target.dtype))
@@ -417,6 +568,20 @@ def _plan_index(positions: list[int], cache: dict, device: torch.device) -> torc
     if index is None:
         index = cache[key] = torch.tensor(positions, dtype=torch.long, device=device)
     return index
+
+
+def _check_normaliser(quantile: Any, max_over: Any, per: Any) -> tuple[float, str, str]:
+    """The validated ``quantile``, ``max_over`` and ``per`` of ``AutoRGN``."""
+    if isinstance(quantile, bool) or not isinstance(quantile, (int, float)) or not 0.0 < quantile <= 1.0:
+        raise ValueError(
+            f"quantile must be a number in (0, 1], got {quantile!r}: use 1.0 for the paper's rule (the "
+            "largest RGN), or e.g. 0.9 so that a few tiny or fresh tensors cannot squash the others"
+        )
+    if max_over not in _MAX_OVER:
+        raise ValueError(f"max_over must be 'all' or 'matrices' (tensors with 2+ dimensions), got {max_over!r}")
+    if per not in _PER:
+        raise ValueError(f"per must be 'tensor' (one RGN per tensor) or 'group' (one per param group), got {per!r}")
+    return float(quantile), max_over, per
 
 
 def _update_from_rescale(rescale: str, update: str) -> str:
