@@ -138,7 +138,8 @@ def test_quick_pipeline_end_to_end(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert {e["type"] for e in summary["shifts"].values()} == {"input", "feature", "output"}
     for entry in summary["shifts"].values():
-        for method in ("none", "all", "stem", "layer1", "layer4", "fc", "auto_rgn", "auto_snr"):
+        for method in ("none", "all", "stem", "layer1", "layer4", "fc", "auto_rgn", "auto_rgn_paper", "auto_snr",
+                       "auto_select"):
             m = entry["methods"][method]
             assert len(m["accs"]) == 1 and {"mean", "stderr"} <= set(m)
     assert "worst_group" in summary["shifts"]["spurious_flip"]["methods"]["fc"]
@@ -178,3 +179,70 @@ def test_calibrate_noise_picks_from_the_ladder():
     assert first["layer2"]["scale"] == 1.0 and len(first["layer2"]["tried"]) == 1
     last = calibrate_noise(model, ("layer2",), ladder=(1.0, 2.0), target_acc=0.0, n=20)
     assert last["layer2"]["scale"] == 2.0 and len(last["layer2"]["tried"]) == 2
+
+
+def test_each_seed_has_its_own_source_model(tmp_path):
+    """The spread over seeds includes the source model's: seed s pre-trains with pretrain.seed + s, and its
+    runs (and block-noise scales) come from that model."""
+    from benchmarks.offline.runner import quick_config, run
+
+    cfg = replace(quick_config(str(tmp_path)), workers=1, methods=("none",), seeds=(0, 1))
+    raw = run(cfg, progress=False, log=lambda *_: None)
+    paths = {s: src["path"] for s, src in raw["sources"].items()}
+    assert len(set(paths.values())) == 2
+    assert {src["seed"] for src in raw["sources"].values()} == {cfg.pretrain.seed, cfg.pretrain.seed + 1}
+    blobs = [torch.load(p, weights_only=True)["state_dict"] for p in paths.values()]
+    assert not torch.equal(blobs[0]["conv1.weight"], blobs[1]["conv1.weight"])
+    # the unadapted models differ on the same row (the quick models are near chance: compare losses)
+    none = {t.seed: r["test_loss"] for t, r in raw["results"].items() if t.shift.name == "contrast"}
+    assert none[0] != none[1]
+
+
+def test_ablation_reuses_the_main_jobs_full_fine_tuning_runs(tmp_path):
+    """A run's cache key holds only its own method's options: an ablation of Auto-RGN's options re-runs
+    Auto-RGN, never full fine-tuning, and the two Auto-RGN variants get different keys."""
+    from benchmarks.offline.ablation import ablation_config
+    from benchmarks.offline.runner import Task, _task_path, quick_config
+
+    base = quick_config(str(tmp_path))
+    variant = ablation_config(base, "quantile_0.9")
+    assert variant.methods == ("all", "auto_rgn")
+    assert variant.method_options["auto_rgn"] == {"quantile": 0.9}
+    keys = {0: "source-x"}
+    for cfg in (base, variant):
+        cfg.noise_scales = {0: {}}
+    full, rgn = Task(SHIFT["blur"], 0, "all"), Task(SHIFT["blur"], 0, "auto_rgn")
+    assert _task_path(base, keys, full) == _task_path(variant, keys, full)
+    assert _task_path(base, keys, rgn) != _task_path(variant, keys, rgn)
+    short = ablation_config(base, "every_step_short_budget")
+    short.noise_scales = {0: {}}
+    assert (short.batch_size, short.epochs, short.patience) == (64, 15, None)
+    assert _task_path(base, keys, full) != _task_path(short, keys, full)
+
+
+def test_ablation_table_reports_gaps_to_full_fine_tuning():
+    from benchmarks.offline.ablation import ablation_row, ablation_table
+
+    def entry(all_accs, rgn_accs):
+        def m(accs):
+            return {"accs": accs, "mean": sum(accs) / len(accs), "stderr": 0.0, "epoch": [1], "lr": [1e-3]}
+        return {"methods": {"all": m(all_accs), "auto_rgn": m(rgn_accs)}}
+
+    summary = {"shifts": {"a": entry([50.0, 60.0], [40.0, 44.0]), "b": entry([70.0, 70.0], [71.0, 73.0])},
+               "block_noise": {}, "setup": {"seeds": [0, 1]}}
+    row = ablation_row("every_step", summary)
+    assert row["rows"]["a"]["minus_all"] == pytest.approx(-13.0)
+    assert row["rows"]["b"]["minus_all"] == pytest.approx(2.0)
+    assert row["mean_minus_all"] == pytest.approx(-5.5) and row["rows_at_or_above_all"] == 1
+    table = ablation_table([row])
+    assert "| `every_step` | -13.0 | +2.0 | -5.5 | 1/2 |" in table
+
+
+def test_unknown_row_is_one_line_and_exit_status_2(tmp_path, capsys):
+    from benchmarks.offline.__main__ import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--quick", "--out", str(tmp_path), "--no-progress", "--workers", "1", "--rows", "gaussian_nois"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "unknown row(s) gaussian_nois" in err[-1] and "gaussian_noise" in err[-1]

@@ -26,7 +26,7 @@ def _save(fig, path: Path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def _relative_grid(rows: dict[str, Any], title: str, path: Path, extra: tuple[str, ...] = ("auto_rgn", "auto_snr")) -> None:
+def _relative_grid(rows: dict[str, Any], title: str, path: Path, extra: tuple[str, ...] = ("auto_rgn", "auto_rgn_paper", "auto_snr", "auto_select")) -> None:
     names = list(rows)
     cols = min(4, len(names))
     nrows = (len(names) + cols - 1) // cols

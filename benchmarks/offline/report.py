@@ -7,7 +7,11 @@ from pathlib import Path
 from typing import Any
 
 from ..runs import atomic_write_text, mean_se
-from .runner import BLOCKS, OfflineConfig, Task
+from ..protocol import select_from_results
+from .runner import BLOCKS, OfflineConfig
+
+#: the derived column: per seed, the candidate with the best validation accuracy
+AUTO_SELECT = "auto_select"
 
 __all__ = ["summarise", "write_outputs", "markdown_table"]
 
@@ -48,21 +52,28 @@ def _method_entry(runs: list[dict[str, Any]], method: str) -> dict[str, Any]:
         wm, ws, _ = mean_se(wv)
         m["worst_group"] = {"accs": wv, "mean": wm, "stderr": ws}
     # which blocks the automatic methods favoured, averaged over seeds
-    diag_key = {"auto_rgn": "block_multipliers", "auto_snr": "trained_tensor_fraction"}.get(method)
+    diag_key = {"auto_rgn": "block_multipliers", "auto_rgn_paper": "block_multipliers",
+                "auto_snr": "trained_tensor_fraction"}.get(method)
     per_block = _mean_per_block(runs, diag_key) if diag_key else None
     if per_block is not None:
         m[diag_key] = per_block
     return m
 
 
-def _shift_entry(cfg: OfflineConfig, results: dict[Task, dict[str, Any]], shift: Any) -> dict[str, Any]:
-    """One shift's row: every method's entry and the best method / block."""
-    entry: dict[str, Any] = {"type": shift.kind, "description": shift.description, "methods": {}}
+def _shift_entry(cfg: OfflineConfig, runs: dict[tuple[str, int, str], dict[str, Any]], name: str) -> dict[str, Any]:
+    """One row: every method's entry (and ``auto_select``, derived from the runs at hand) and the best method
+    / block."""
+    shifts = [next(sh for sh in cfg.shifts(s) if sh.name == name) for s in cfg.seeds]
+    entry: dict[str, Any] = {"type": shifts[0].kind, "description": _describe(shifts), "methods": {}}
     for method in cfg.methods:
-        runs = [results[Task(shift, s, method)] for s in cfg.seeds if Task(shift, s, method) in results]
-        entry["methods"][method] = _method_entry(runs, method)
+        found = [runs[(name, s, method)] for s in cfg.seeds if (name, s, method) in runs]
+        entry["methods"][method] = _method_entry(found, method)
+    selected = _auto_select_runs(cfg, runs, name)
+    if selected:
+        entry["methods"][AUTO_SELECT] = _method_entry(selected, AUTO_SELECT)
+        entry["methods"][AUTO_SELECT]["chosen"] = [r["chosen"] for r in selected]
     methods = entry["methods"]
-    tuned = [mm for mm in cfg.methods if mm != "none"]
+    tuned = [mm for mm in methods if mm != "none"]
     entry["best"] = max(tuned, key=lambda mm: methods[mm]["mean"])
     blocks = [b for b in BLOCKS if b in cfg.methods]
     if blocks:
@@ -70,6 +81,31 @@ def _shift_entry(cfg: OfflineConfig, results: dict[Task, dict[str, Any]], shift:
     if any("worst_group" in m for m in methods.values()):
         entry["best_worst_group"] = max(tuned, key=lambda mm: methods[mm].get("worst_group", {}).get("mean", -1))
     return entry
+
+
+def _describe(shifts: list[Any]) -> str:
+    """The row's description; block-noise rows name each source model's calibrated scale."""
+    if shifts[0].noise_block is None:
+        return shifts[0].description
+    scales = "/".join(f"{sh.noise_scale:g}" for sh in shifts)
+    return (f"source model with Gaussian noise ({scales} x each weight tensor's std, per source model) added to "
+            f"the weights of {shifts[0].noise_block}")
+
+
+def _auto_select_runs(cfg: OfflineConfig, runs: dict[tuple[str, int, str], dict[str, Any]],
+                      name: str) -> list[dict[str, Any]]:
+    """Per seed, the candidate (every block alone, and full fine-tuning) with the best validation accuracy:
+    what ``auto_select`` would have trained, read from the runs already made (no extra compute)."""
+    candidates = [m for m in (*BLOCKS, "all") if m in cfg.methods]
+    if len(candidates) < 2:
+        return []
+    out = []
+    for seed in cfg.seeds:
+        found = {m: runs[(name, seed, m)] for m in candidates if (name, seed, m) in runs}
+        if len(found) == len(candidates):
+            chosen, result = select_from_results(found)
+            out.append({**result, "chosen": chosen})
+    return out
 
 
 def _judge_shift(entry: dict[str, Any]) -> None:
@@ -100,14 +136,15 @@ def _setup(cfg: OfflineConfig, raw: dict[str, Any]) -> dict[str, Any]:
         "epochs": cfg.epochs,
         "quick": cfg.quick,
         "protocol": cfg.protocol().to_dict(),
-        "source": {k: v for k, v in raw["source"].items() if k != "config"},
+        "sources": {s: {k: v for k, v in src.items() if k != "calibration"} for s, src in raw["sources"].items()},
         "pretrain": cfg.pretrain.to_dict(),
     }
 
 
 def summarise(raw: dict[str, Any]) -> dict[str, Any]:
     cfg: OfflineConfig = raw["config"]
-    rows = {shift.name: _shift_entry(cfg, raw["results"], shift) for shift in cfg.shifts()}
+    runs = {(t.shift.name, t.seed, t.method): r for t, r in raw["results"].items()}
+    rows = {name: _shift_entry(cfg, runs, name) for name in cfg.row_names()}
     shifts = {k: v for k, v in rows.items() if v["type"] != "block-noise"}
     noise = {k: v for k, v in rows.items() if v["type"] == "block-noise"}
     for entry in shifts.values():
@@ -119,7 +156,7 @@ def summarise(raw: dict[str, Any]) -> dict[str, Any]:
         "shifts": shifts,
         "block_noise": noise,
         "two_layer": raw["two_layer"],
-        "noise_calibration": raw.get("noise_calibration"),
+        "noise_calibration": {s: src["calibration"] for s, src in raw["sources"].items()},
         "wall_time_s": raw["wall_s"],
         "from_scratch_timing": raw.get("from_scratch"),
         "runs_total": raw["runs_total"],
@@ -133,6 +170,11 @@ def _cell(m: dict[str, Any], bold: bool, key: str | None = None) -> str:
         return "-"
     text = f"{src['mean']:.1f} ± {src['stderr']:.1f}"
     return f"**{text}**" if bold else text
+
+
+def _columns(summary: dict[str, Any], cfg: OfflineConfig) -> list[str]:
+    first = next(iter(summary["shifts"].values()))
+    return list(cfg.methods) + ([AUTO_SELECT] if AUTO_SELECT in first["methods"] else [])
 
 
 def markdown_table(summary: dict[str, Any], methods: list[str]) -> str:
@@ -200,10 +242,15 @@ def _intro(summary: dict[str, Any], quick: bool) -> list[str]:
         "",
         f"Target-test accuracy (%), mean ± standard error over seeds {s['seeds']}; "
         f"{s['labeled_target_per_class']} labeled target images per class, {s['val_per_class']}/class validation "
-        f"(selects lr in {s['lrs']} and epoch in 1..{s['epochs']}), {s['test_per_class']}/class test. "
+        f"(selects lr in {s['lrs']} and epoch in 1..{s['epochs']}; batch {s['protocol']['batch_size']}, an lr's run "
+        f"stops after {s['protocol'].get('patience', 'no')} epochs without a better validation accuracy), "
+        f"{s['test_per_class']}/class test. "
         "Bold: best tuned method per row. The paper's first block is conv1 + layer1 (here `stem` and "
         "`layer1` separately), so for input-level shifts either counts as the first block. Source model: "
-        f"{s['source'].get('source_val_acc', float('nan')) * 100:.1f} % source validation accuracy.",
+        "Source models (one per seed): "
+        + ", ".join(f"{100 * src['source_val_acc']:.1f}" for src in s["sources"].values())
+        + " % source validation accuracy. `auto_select`: per seed, the block (or full fine-tuning) with the best "
+        "validation accuracy, read from the runs in this table.",
         f"Wall time of this invocation: {summary['wall_time_s']:.0f} s "
         f"({summary['runs_cached']} of {summary['runs_total']} runs reused from the cache)."
         + (
@@ -247,7 +294,7 @@ def write_outputs(raw: dict[str, Any], *, log=print) -> dict[str, Any]:
     out = Path(cfg.out_dir)
     summary = summarise(raw)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
-    md = [*_intro(summary, cfg.quick), "", markdown_table(summary, list(cfg.methods)), "",
+    md = [*_intro(summary, cfg.quick), "", markdown_table(summary, _columns(summary, cfg)), "",
           *_notes(summary, raw["two_layer"])]
     atomic_write_text(out / "table.md", "\n".join(md))
     try:

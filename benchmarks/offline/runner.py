@@ -24,56 +24,87 @@ import torch
 from ..protocol import PrefixCache, ProtocolConfig, finetune
 from ..runs import atomic_write_text, config_hash, read_json
 from .pretrain import PretrainConfig, load_or_pretrain, load_source
-from .shifts import SHIFTS, Shift, calibrate_noise, noise_shifts, perturb_block, target_splits
+from .shifts import BLOCK_NOISE_BLOCKS, SHIFTS, Shift, calibrate_noise, noise_shifts, perturb_block, target_splits
 from .theory import TwoLayerConfig, run_two_layer
 
 __all__ = ["METHODS", "OfflineConfig", "quick_config", "run", "Task"]
 
 #: columns of the table, in order
-METHODS: tuple[str, ...] = ("none", "all", "stem", "layer1", "layer2", "layer3", "layer4", "fc", "auto_rgn", "auto_snr")
+METHODS: tuple[str, ...] = (
+    "none", "all", "stem", "layer1", "layer2", "layer3", "layer4", "fc", "auto_rgn", "auto_rgn_paper", "auto_snr",
+)
 BLOCKS: tuple[str, ...] = ("stem", "layer1", "layer2", "layer3", "layer4", "fc")
 #: rough relative cost of one run (full fine-tuning = 1), to order the work
 _COST = {"none": 0.02, "fc": 0.08, "layer4": 0.3, "layer3": 0.4, "layer2": 0.55, "layer1": 0.8}
 
-RUN_VERSION = 1  # bump when the protocol changes in a way the hash does not see
+RUN_VERSION = 2  # bump when the protocol changes in a way the hash does not see
 
 
 @dataclass
 class OfflineConfig:
     out_dir: str = "results/offline"
+    #: seed s pre-trains its own source model (``pretrain.seed + s``), draws its own target splits and
+    #: fixes the batch order: the spread over seeds includes the source model's
     seeds: tuple[int, ...] = (0, 1, 2)
     methods: tuple[str, ...] = METHODS
     per_class: int = 25
     val_per_class: int = 10
     test_per_class: int = 100
     lrs: tuple[float, ...] = (1e-2, 1e-3, 1e-4)
-    epochs: int = 15
+    #: 8 steps per epoch on 250 images; up to 240 steps, as the official code's runs take
+    batch_size: int = 32
+    epochs: int = 30
+    #: an lr's run stops after this many epochs without a better validation accuracy (None: never)
+    patience: int | None = 6
     workers: int = 2
-    #: per-block noise scales of the block-noise experiment; None: calibrated (shifts.calibrate_noise)
-    noise_scales: dict[str, float] | None = None
+    #: per seed, per-block noise scales of the block-noise experiment; None: calibrated per source model
+    noise_scales: dict[int, dict[str, float]] | None = None
+    #: the rows to run (shift names); None: every row
+    rows: tuple[str, ...] | None = None
+    #: per-method options, e.g. ``{"auto_rgn": {"quantile": 0.9}}`` (the ablations)
+    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     auto_snr: dict[str, Any] = field(default_factory=lambda: {"threshold": 0.5, "samples": 5})
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     two_layer: TwoLayerConfig = field(default_factory=TwoLayerConfig)
     quick: bool = False
 
     def protocol(self) -> ProtocolConfig:
+        options = {"auto_snr": dict(self.auto_snr)}
+        options.update({k: dict(v) for k, v in self.method_options.items()})
+        extra = {} if self.patience is None else {"patience": self.patience}
         return ProtocolConfig(
             lrs=tuple(self.lrs),
             epochs=self.epochs,
-            batch_size=64,
+            batch_size=self.batch_size,
             weight_decay=1e-4,
             channels_last=True,
-            method_options={"auto_snr": dict(self.auto_snr)},
+            method_options=options,
+            **extra,
         )
 
-    def shifts(self) -> tuple[Shift, ...]:
+    def source_config(self, seed: int) -> PretrainConfig:
+        """The pre-training recipe of seed ``seed``'s source model."""
+        return replace(self.pretrain, seed=self.pretrain.seed + seed)
+
+    def shifts(self, seed: int) -> tuple[Shift, ...]:
+        """Every row's shift for seed ``seed`` (block-noise scales come from that seed's source model)."""
         if self.noise_scales is None:
             raise RuntimeError("noise scales not calibrated yet (run() does it)")
-        return SHIFTS + noise_shifts(self.noise_scales)
+        every = SHIFTS + noise_shifts(self.noise_scales[seed])
+        return every if self.rows is None else tuple(s for s in every if s.name in self.rows)
+
+    def check_rows(self) -> None:
+        """ValueError naming every row when ``rows`` names one that does not exist."""
+        names = [s.name for s in SHIFTS] + [f"noise_{b}" for b in BLOCK_NOISE_BLOCKS]
+        unknown = sorted(set(self.rows or ()) - set(names))
+        if unknown:
+            raise ValueError(f"unknown row(s) {', '.join(unknown)}; the rows are {', '.join(names)}")
+
+    def row_names(self) -> list[str]:
+        return [s.name for s in self.shifts(self.seeds[0])]
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        return d
+        return asdict(self)
 
 
 def quick_config(out_dir: str = "results/offline/quick") -> OfflineConfig:
@@ -86,6 +117,7 @@ def quick_config(out_dir: str = "results/offline/quick") -> OfflineConfig:
         test_per_class=4,
         lrs=(1e-3,),
         epochs=2,
+        patience=None,
         workers=2,
         pretrain=PretrainConfig(n_train=1000, n_val=200, epochs=1, batch_size=100),
         two_layer=TwoLayerConfig(ns=(6,), steps=20, seeds=(0, 1), n_eval=200),
@@ -104,16 +136,21 @@ class Task:
 _STATE: dict[str, Any] = {}
 
 
-def _init_worker(source_path: str, pretrain_cfg: dict[str, Any], threads: int = 1) -> None:
+def _init_worker(source_paths: dict[int, str], pretrain_cfg: dict[str, Any], threads: int = 1) -> None:
     torch.set_num_threads(threads)
-    cfg = dict(pretrain_cfg)
-    cfg["widths"] = tuple(cfg["widths"])
-    cfg["styles"] = tuple(cfg["styles"])
-    _STATE["source_path"] = source_path
-    _STATE["pretrain"] = PretrainConfig(**cfg)
+    _STATE["source_paths"] = dict(source_paths)
+    _STATE["pretrain"] = _pretrain_from_dict(pretrain_cfg)
+    _STATE["sources"] = {}
     _STATE["models"] = OrderedDict()
     _STATE["data"] = OrderedDict()
     _STATE["prefix"] = OrderedDict()
+
+
+def _pretrain_from_dict(d: dict[str, Any]) -> PretrainConfig:
+    cfg = dict(d)
+    cfg["widths"] = tuple(cfg["widths"])
+    cfg["styles"] = tuple(cfg["styles"])
+    return PretrainConfig(**cfg)
 
 
 def _lru(store: OrderedDict, key: Any, make, size: int):
@@ -127,16 +164,21 @@ def _lru(store: OrderedDict, key: Any, make, size: int):
     return value
 
 
+def _source_for(seed: int) -> torch.nn.Module:
+    if seed not in _STATE["sources"]:
+        cfg = replace(_STATE["pretrain"], seed=_STATE["pretrain"].seed + seed)
+        _STATE["sources"][seed] = load_source(Path(_STATE["source_paths"][seed]), cfg)
+    return _STATE["sources"][seed]
+
+
 def _model_for(shift: Shift, seed: int) -> torch.nn.Module:
     def make():
-        if "source" not in _STATE:
-            _STATE["source"] = load_source(Path(_STATE["source_path"]), _STATE["pretrain"])
-        model = _STATE["source"]
+        model = _source_for(seed)
         if shift.noise_block is not None:
             model = perturb_block(copy.deepcopy(model), shift.noise_block, shift.noise_scale, seed)
         return model
 
-    key = (shift.noise_block, shift.noise_scale, seed) if shift.noise_block else ("source",)
+    key = (shift.noise_block, shift.noise_scale, seed)
     return _lru(_STATE["models"], key, make, 4)
 
 
@@ -192,19 +234,27 @@ def _run_theory(cfg: TwoLayerConfig, out_path: str) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------ main side
-def _task_path(cfg: OfflineConfig, source_key: str, task: Task) -> Path:
+def _task_path(cfg: OfflineConfig, source_keys: dict[int, str], task: Task) -> Path:
     key = config_hash(
         {
             "v": RUN_VERSION,
-            "source": source_key,
+            "source": source_keys[task.seed],
             "shift": task.shift.to_dict(),
             "seed": task.seed,
             "method": task.method,
-            "protocol": cfg.protocol().to_dict(),
+            "protocol": _protocol_key(cfg, task.method),
             "sizes": [cfg.per_class, cfg.val_per_class, cfg.test_per_class],
         }
     )
     return Path(cfg.out_dir) / "cache" / "runs" / task.shift.name / str(task.seed) / f"{task.method}-{key}.json"
+
+
+def _protocol_key(cfg: OfflineConfig, method: str) -> dict[str, Any]:
+    """The protocol settings a run of ``method`` depends on: only its own method options, so that an
+    ablation of one method's options reuses every other method's runs."""
+    d = cfg.protocol().to_dict()
+    d["method_options"] = {k: v for k, v in d["method_options"].items() if k == method}
+    return d
 
 
 def _theory_path(cfg: OfflineConfig) -> Path:
@@ -212,31 +262,35 @@ def _theory_path(cfg: OfflineConfig) -> Path:
 
 
 def run(cfg: OfflineConfig, *, progress: bool = True, log=print) -> dict[str, Any]:
-    """Pre-train (or load) the source model, run all missing runs, return the raw results."""
+    """Pre-train (or load) one source model per seed, run all missing runs, return the raw results."""
     started = time.perf_counter()
     cache_dir = Path(cfg.out_dir) / "cache"
     cache_dir.mkdir(parents=True, exist_ok=True)
     # One thread, whatever the machine: float reductions depend on the thread count, so two threads
-    # pre-train a different source model (98.05 % instead of the published 98.2 %) and calibrate
-    # other noise strengths. The fine-tuning workers run one thread each too.
+    # pre-train a different source model and calibrate other noise strengths. The fine-tuning workers
+    # run one thread each too.
+    cfg.check_rows()
     torch.set_num_threads(1)
-    source_path, source_info = _source_model(cfg, cache_dir, progress, log)
-    cfg, calibration = _calibrate(cfg, cache_dir, source_path, log)
-    tasks = [Task(shift, seed, method) for shift in cfg.shifts() for seed in cfg.seeds for method in cfg.methods]
-    results, todo = _cached_runs(cfg, source_path.stem, tasks)
+    sources = _source_models(cfg, cache_dir, log)
+    if cfg.noise_scales is None:
+        cfg = replace(cfg, noise_scales={s: {b: v["scale"] for b, v in src["calibration"].items()}
+                                         for s, src in sources.items()})
+    tasks = [Task(shift, seed, method) for seed in cfg.seeds for shift in cfg.shifts(seed) for method in cfg.methods]
+    results, todo = _cached_runs(cfg, {s: Path(src["path"]).stem for s, src in sources.items()}, tasks)
     theory_path = _theory_path(cfg)
     theory = read_json(theory_path) if theory_path.exists() else None
     log(f"{len(tasks)} runs: {len(results)} cached, {len(todo)} to do" + ("" if theory is None else "; two-layer check cached"))
-    theory = _execute(cfg, todo, results, theory, theory_path, str(source_path), progress)
+    paths = {s: src["path"] for s, src in sources.items()}
+    theory = _execute(cfg, todo, results, theory, theory_path, paths, progress)
     wall = time.perf_counter() - started
     # everything (pre-training included) computed by this invocation: remember how long it took
-    from_scratch_now = len(todo) == len(tasks) and not source_info.get("cached") and bool(todo)
+    fresh_sources = not any(src["cached"] for src in sources.values())
+    from_scratch_now = len(todo) == len(tasks) and fresh_sources and bool(todo)
     return {
         "config": cfg,
-        "source": {"path": str(source_path), **source_info},
+        "sources": sources,
         "results": results,
         "two_layer": theory,
-        "noise_calibration": calibration,
         "wall_s": wall,
         "from_scratch": _from_scratch_timing(cfg, cache_dir, wall, len(tasks), from_scratch_now),
         "runs_cached": len(tasks) - len(todo),
@@ -244,55 +298,45 @@ def run(cfg: OfflineConfig, *, progress: bool = True, log=print) -> dict[str, An
     }
 
 
-def _source_model(cfg: OfflineConfig, cache_dir: Path, progress: bool, log) -> tuple[Path, dict[str, Any]]:
-    """The cached source checkpoint (pre-trained first when missing, with a progress bar) and its info."""
-    from tqdm.auto import tqdm
-
-    bar = None
-
-    def pre_progress(step: int, total: int, loss: float) -> None:
-        nonlocal bar
-        if not progress:
-            return
-        if bar is None:
-            bar = tqdm(total=total, desc="pre-training source model", unit="step")
-        bar.update(1)
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{loss:.3f}")
-
-    source_path, source_info = load_or_pretrain(cfg.pretrain, cache_dir, pre_progress)
-    if bar is not None:
-        bar.close()
-    log(
-        f"source model: {source_path} (source val accuracy {source_info['source_val_acc']:.4f}, "
-        f"{'cached' if source_info.get('cached') else 'pre-trained in %.0f s' % source_info['seconds']})"
-    )
-    return source_path, source_info
-
-
-def _calibrate(cfg: OfflineConfig, cache_dir: Path, source_path: Path, log) -> tuple[OfflineConfig, Any]:
-    """``cfg`` with the block-noise scales (calibrated once per source model, cached) and the calibration."""
-    if cfg.noise_scales is not None:
-        return cfg, None
-    cal_path = cache_dir / f"noise-calibration-{source_path.stem}.json"
+def _prepare_source(pretrain_cfg: dict[str, Any], cache_dir: str) -> dict[str, Any]:
+    """Pre-train (or load) one source model and calibrate its block-noise scales (cached next to it)."""
+    torch.set_num_threads(1)
+    cfg = _pretrain_from_dict(pretrain_cfg)
+    path, info = load_or_pretrain(cfg, Path(cache_dir))
+    cal_path = Path(cache_dir) / f"noise-calibration-{path.stem}.json"
     calibration = read_json(cal_path) if cal_path.exists() else None
     if calibration is None:
-        calibration = calibrate_noise(
-            load_source(source_path, cfg.pretrain), absent=cfg.pretrain.absent, cue_agree=cfg.pretrain.cue_agree
-        )
+        calibration = calibrate_noise(load_source(path, cfg), absent=cfg.absent, cue_agree=cfg.cue_agree)
         atomic_write_text(cal_path, json.dumps(calibration, indent=1))
-    log("block-noise scales (x weight std): " + ", ".join(f"{b} {v['scale']:g}" for b, v in calibration.items()))
-    return replace(cfg, noise_scales={b: v["scale"] for b, v in calibration.items()}), calibration
+    return {"path": str(path), "cached": bool(info.get("cached")), "source_val_acc": info["source_val_acc"],
+            "seconds": info.get("seconds"), "seed": cfg.seed, "calibration": calibration}
 
 
-def _cached_runs(cfg: OfflineConfig, source_key: str,
+def _source_models(cfg: OfflineConfig, cache_dir: Path, log) -> dict[int, dict[str, Any]]:
+    """Per seed: its source model (pre-trained in the worker pool when missing) and noise calibration."""
+    jobs = {s: (cfg.source_config(s).to_dict(), str(cache_dir)) for s in cfg.seeds}
+    if cfg.workers <= 1 or len(jobs) == 1:
+        sources = {s: _prepare_source(*job) for s, job in jobs.items()}
+    else:
+        with ProcessPoolExecutor(max_workers=min(cfg.workers, len(jobs)), mp_context=get_context("spawn")) as pool:
+            futures = {s: pool.submit(_prepare_source, *job) for s, job in jobs.items()}
+            sources = {s: f.result() for s, f in futures.items()}
+    for s, src in sources.items():
+        scales = ", ".join(f"{b} {v['scale']:g}" for b, v in src["calibration"].items())
+        how = "cached" if src["cached"] else f"pre-trained in {src['seconds']:.0f} s"
+        log(f"seed {s}: source model {Path(src['path']).name} ({how}), source val accuracy "
+            f"{src['source_val_acc']:.4f}; block-noise scales (x weight std): {scales}")
+    return sources
+
+
+def _cached_runs(cfg: OfflineConfig, source_keys: dict[int, str],
                  tasks: list[Task]) -> tuple[dict[Task, dict[str, Any]], list[tuple[Task, Path]]]:
     """The finished runs, and the others with their result paths in the order to run them: by (shift, seed)
     group (data and prefix activations are reused inside a worker), the most expensive methods first."""
     results: dict[Task, dict[str, Any]] = {}
     todo: list[tuple[Task, Path]] = []
     for task in tasks:
-        path = _task_path(cfg, source_key, task)
+        path = _task_path(cfg, source_keys, task)
         cached = read_json(path) if path.exists() else None
         if cached is not None:
             results[task] = cached
@@ -303,13 +347,13 @@ def _cached_runs(cfg: OfflineConfig, source_key: str,
 
 
 def _execute(cfg: OfflineConfig, todo: list[tuple[Task, Path]], results: dict[Task, dict[str, Any]],
-             theory: dict[str, Any] | None, theory_path: Path, source_path: str, progress: bool) -> dict[str, Any]:
+             theory: dict[str, Any] | None, theory_path: Path, source_paths: dict[int, str], progress: bool) -> dict[str, Any]:
     """Run ``todo`` (into ``results``) and the two-layer check unless cached, in this process or in
     ``cfg.workers`` worker processes; the two-layer result."""
     from tqdm.auto import tqdm
 
     pbar = tqdm(total=len(todo) + (theory is None), desc="fine-tuning runs", unit="run", disable=not progress)
-    init_args = (source_path, cfg.pretrain.to_dict())
+    init_args = (source_paths, cfg.pretrain.to_dict())
     try:
         if cfg.workers <= 1:
             _init_worker(*init_args, threads=1)
