@@ -246,3 +246,24 @@ def test_unknown_row_is_one_line_and_exit_status_2(tmp_path, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert "unknown row(s) gaussian_nois" in err[-1] and "gaussian_noise" in err[-1]
+
+
+def test_stream_flag_runs_the_unlabeled_stream_per_seed_and_caches_it(tmp_path):
+    """`--stream` adds the unlabeled-stream experiment: every stream shift and seed, scored runs at an lr
+    chosen on the held-out stream, written to stream.md / stream.json / stream_curves.png; a re-run reuses
+    every stream."""
+    from benchmarks.offline.__main__ import main
+    from benchmarks.offline.stream import STREAM_SHIFTS
+
+    out = tmp_path / "offline"
+    args = ["--quick", "--out", str(out), "--no-progress", "--workers", "1", "--stream"]
+    assert main(args) == 0
+    streams = json.loads((out / "stream.json").read_text())
+    assert {r["shift"] for r in streams["scored"]} == {s.name for s in STREAM_SHIFTS}
+    assert all(not r["held_out"] for r in streams["scored"]) and streams["streams_cached"] == 0
+    assert (out / "stream_curves.png").stat().st_size > 0
+    assert "| first |" in (out / "stream.md").read_text()
+    assert main(args) == 0
+    again = json.loads((out / "stream.json").read_text())
+    assert again["streams_cached"] == again["streams"]
+    assert [r["online_acc"] for r in again["scored"]] == [r["online_acc"] for r in streams["scored"]]

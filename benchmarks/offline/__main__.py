@@ -28,6 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--rows", nargs="+", default=None, help="only these rows (shift names; default all)")
     parser.add_argument("--ablation", choices=sorted(ABLATIONS), default=None,
                         help="run one Auto-RGN ablation (and full fine-tuning) on every row; prints the ablation table")
+    parser.add_argument("--stream", action="store_true",
+                        help="also run the unlabeled-stream (test-time adaptation) experiment: about 10 more minutes")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
@@ -61,6 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     summary = write_outputs(raw)
     print(open(f"{cfg.out_dir}/table.md").read())
     print(f"wrote {cfg.out_dir}/table.md, summary.json and figures; wall time {summary['wall_time_s']:.0f} s")
+    if args.stream:
+        from .stream_runner import run_streams, write_stream_outputs
+
+        streams = run_streams(cfg, raw["sources"])
+        print(write_stream_outputs(cfg.out_dir, streams))
+        print(f"wrote {cfg.out_dir}/stream.md, stream.json and stream_curves.png; wall time {streams['wall_s']:.0f} s")
     return 0
 
 
