@@ -267,3 +267,19 @@ def test_stream_flag_runs_the_unlabeled_stream_per_seed_and_caches_it(tmp_path):
     again = json.loads((out / "stream.json").read_text())
     assert again["streams_cached"] == again["streams"]
     assert [r["online_acc"] for r in again["scored"]] == [r["online_acc"] for r in streams["scored"]]
+
+
+def test_ablation_command_writes_its_row_and_leaves_the_main_table_alone(tmp_path, capsys):
+    """`--ablation NAME` runs the variant and full fine-tuning on every row (block-noise rows included),
+    stores its row and prints the ablation table; the main job's table.md is not overwritten."""
+    from benchmarks.offline.__main__ import main
+
+    out = tmp_path / "offline"
+    args = ["--quick", "--out", str(out), "--no-progress", "--workers", "1", "--ablation", "max_over_matrices"]
+    assert main(args) == 0
+    row = json.loads((out / "ablations" / "max_over_matrices.json").read_text())
+    assert {"noise_layer1", "label_permutation", "blur"} <= set(row["rows"])
+    assert row["options"] == {"max_over": "matrices"}
+    assert "| `max_over_matrices` |" in (out / "ablations" / "table.md").read_text()
+    assert "| `max_over_matrices` |" in capsys.readouterr().out
+    assert not (out / "table.md").exists()

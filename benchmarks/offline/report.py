@@ -123,7 +123,10 @@ def _judge_noise(name: str, entry: dict[str, Any]) -> None:
     block = name[len("noise_") :]
     entry["perturbed_block"] = block
     entry["perturbed_block_wins"] = entry.get("best_block") == block
-    entry["perturbed_block_minus_all"] = entry["methods"][block]["mean"] - entry["methods"]["all"]["mean"]
+    methods = entry["methods"]
+    # a run of some methods only (an ablation) may lack the block or full fine-tuning
+    entry["perturbed_block_minus_all"] = (methods[block]["mean"] - methods["all"]["mean"]
+                                          if block in methods and "all" in methods else None)
 
 
 def _setup(cfg: OfflineConfig, raw: dict[str, Any]) -> dict[str, Any]:
