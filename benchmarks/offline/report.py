@@ -249,7 +249,7 @@ def _intro(summary: dict[str, Any], quick: bool) -> list[str]:
         f"stops after {s['protocol'].get('patience', 'no')} epochs without a better validation accuracy), "
         f"{s['test_per_class']}/class test. "
         "Bold: best tuned method per row. The paper's first block is conv1 + layer1 (here `stem` and "
-        "`layer1` separately), so for input-level shifts either counts as the first block. Source model: "
+        "`layer1` separately), so for input-level shifts either counts as the first block. "
         "Source models (one per seed): "
         + ", ".join(f"{100 * src['source_val_acc']:.1f}" for src in s["sources"].values())
         + " % source validation accuracy. `auto_select`: per seed, the block (or full fine-tuning) with the best "
