@@ -267,3 +267,13 @@ def test_stream_shifts_cover_every_input_level_shift_and_the_contrasting_kinds()
     harsh, _ = S.stream_images(S.STREAM_SHIFTS[names.index("gaussian_noise")], 0, CFG)
     clean, _ = S.stream_images(S.STREAM_SHIFTS[names.index("label_permutation")], 0, CFG)
     assert 0 < (mild - clean).abs().mean() < 0.6 * (harsh - clean).abs().mean()  # the same images, less noise
+
+
+def test_stream_table_leaves_out_variants_a_loss_did_not_run():
+    """MEMO runs on the paper's rows only: a variant with entropy results but none under MEMO has no
+    (all-dash) row in the MEMO table."""
+    results = [scored_result("contrast", 0, "layer2", "entropy", 0.5), scored_result("contrast", 0, "first", "memo", 0.6),
+               scored_result("contrast", 0, "none", None, 0.4)]
+    tables = S.stream_table(results).split("**memo**")
+    assert "| layer2 |" in tables[0] and "| layer2 |" not in tables[1]
+    assert "| first |" in tables[1] and "| none |" in tables[1]

@@ -635,6 +635,8 @@ def stream_table(results: Sequence[Mapping[str, Any]]) -> str:
                   "|" + "---|" * len(header)]
         for variant in variants:
             acc = _accuracies(scored, variant, loss)
+            if not acc:  # not run with this loss (MEMO runs on the paper's rows only)
+                continue
             cells = [_mean_se([a for (s, _), a in acc.items() if s == shift]) if any(s == shift for s, _ in acc) else "—"
                      for shift in shifts]
             cells.append(_usable_mean(acc, usable))
