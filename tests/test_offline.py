@@ -283,3 +283,13 @@ def test_ablation_command_writes_its_row_and_leaves_the_main_table_alone(tmp_pat
     assert "| `max_over_matrices` |" in (out / "ablations" / "table.md").read_text()
     assert "| `max_over_matrices` |" in capsys.readouterr().out
     assert not (out / "table.md").exists()
+
+
+def test_noise_level_defaults_are_the_named_corruptions_and_scale_the_damage():
+    x = data.sample(20, 3)["x"]
+    for name, default in (("gaussian_noise", 0.35), ("impulse_noise", 0.2)):
+        assert torch.equal(data.corrupt(x, name, 5), data.corrupt(x, name, 5, level=default))
+        mild = (data.corrupt(x, name, 5, level=default / 4) - x).abs().mean()
+        assert 0 < mild < 0.5 * (data.corrupt(x, name, 5) - x).abs().mean()
+    with pytest.raises(ValueError, match="level applies to"):
+        data.corrupt(x, "blur", 5, level=0.1)

@@ -328,14 +328,19 @@ def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return torch.nn.functional.conv2d(x, kv, groups=c)
 
 
-def corrupt(x: torch.Tensor, name: str, seed: int) -> torch.Tensor:
-    """Apply corruption ``name`` to images in [0, 1]; changes pixels only (labels are untouched)."""
+def corrupt(x: torch.Tensor, name: str, seed: int, *, level: float | None = None) -> torch.Tensor:
+    """Apply corruption ``name`` to images in [0, 1]; changes pixels only (labels are untouched).
+    ``level`` (noises only): the Gaussian sigma (default 0.35), or the fraction of pixel values set to 0 or
+    1, half each (default 0.2)."""
     g = torch.Generator().manual_seed(int(seed) + 7919)
+    if level is not None and name not in ("gaussian_noise", "impulse_noise"):
+        raise ValueError(f"level applies to gaussian_noise and impulse_noise, not {name!r}")
     if name == "gaussian_noise":
-        out = x + 0.35 * torch.randn(x.shape, generator=g)
+        out = x + (0.35 if level is None else level) * torch.randn(x.shape, generator=g)
     elif name == "impulse_noise":
+        half = 0.1 if level is None else level / 2
         r = torch.rand(x.shape, generator=g)
-        out = torch.where(r < 0.1, 0.0, torch.where(r > 0.9, 1.0, x))
+        out = torch.where(r < half, 0.0, torch.where(r > 1 - half, 1.0, x))
     elif name == "blur":
         out = _blur(x, 1.4)
     elif name == "contrast":

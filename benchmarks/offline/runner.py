@@ -136,21 +136,13 @@ class Task:
 _STATE: dict[str, Any] = {}
 
 
-def _init_worker(source_paths: dict[int, str], pretrain_cfg: dict[str, Any], threads: int = 1) -> None:
+def _init_worker(source_paths: dict[int, str], threads: int = 1) -> None:
     torch.set_num_threads(threads)
     _STATE["source_paths"] = dict(source_paths)
-    _STATE["pretrain"] = _pretrain_from_dict(pretrain_cfg)
     _STATE["sources"] = {}
     _STATE["models"] = OrderedDict()
     _STATE["data"] = OrderedDict()
     _STATE["prefix"] = OrderedDict()
-
-
-def _pretrain_from_dict(d: dict[str, Any]) -> PretrainConfig:
-    cfg = dict(d)
-    cfg["widths"] = tuple(cfg["widths"])
-    cfg["styles"] = tuple(cfg["styles"])
-    return PretrainConfig(**cfg)
 
 
 def _lru(store: OrderedDict, key: Any, make, size: int):
@@ -164,16 +156,15 @@ def _lru(store: OrderedDict, key: Any, make, size: int):
     return value
 
 
-def _source_for(seed: int) -> torch.nn.Module:
+def _source_for(seed: int, cfg: OfflineConfig) -> torch.nn.Module:
     if seed not in _STATE["sources"]:
-        cfg = replace(_STATE["pretrain"], seed=_STATE["pretrain"].seed + seed)
-        _STATE["sources"][seed] = load_source(Path(_STATE["source_paths"][seed]), cfg)
+        _STATE["sources"][seed] = load_source(Path(_STATE["source_paths"][seed]), cfg.source_config(seed))
     return _STATE["sources"][seed]
 
 
-def _model_for(shift: Shift, seed: int) -> torch.nn.Module:
+def _model_for(shift: Shift, seed: int, cfg: OfflineConfig) -> torch.nn.Module:
     def make():
-        model = _source_for(seed)
+        model = _source_for(seed, cfg)
         if shift.noise_block is not None:
             model = perturb_block(copy.deepcopy(model), shift.noise_block, shift.noise_scale, seed)
         return model
@@ -200,7 +191,7 @@ def _run_task(task: Task, cfg: OfflineConfig, out_path: str) -> dict[str, Any]:
         3,
     )
     cache = _lru(_STATE["prefix"], (task.shift.name, task.seed), PrefixCache, 2)
-    model = _model_for(task.shift, task.seed)
+    model = _model_for(task.shift, task.seed, cfg)
     result = finetune(
         model,
         task.method,
@@ -298,10 +289,9 @@ def run(cfg: OfflineConfig, *, progress: bool = True, log=print) -> dict[str, An
     }
 
 
-def _prepare_source(pretrain_cfg: dict[str, Any], cache_dir: str) -> dict[str, Any]:
+def _prepare_source(cfg: PretrainConfig, cache_dir: str) -> dict[str, Any]:
     """Pre-train (or load) one source model and calibrate its block-noise scales (cached next to it)."""
     torch.set_num_threads(1)
-    cfg = _pretrain_from_dict(pretrain_cfg)
     path, info = load_or_pretrain(cfg, Path(cache_dir))
     cal_path = Path(cache_dir) / f"noise-calibration-{path.stem}.json"
     calibration = read_json(cal_path) if cal_path.exists() else None
@@ -314,7 +304,7 @@ def _prepare_source(pretrain_cfg: dict[str, Any], cache_dir: str) -> dict[str, A
 
 def _source_models(cfg: OfflineConfig, cache_dir: Path, log) -> dict[int, dict[str, Any]]:
     """Per seed: its source model (pre-trained in the worker pool when missing) and noise calibration."""
-    jobs = {s: (cfg.source_config(s).to_dict(), str(cache_dir)) for s in cfg.seeds}
+    jobs = {s: (cfg.source_config(s), str(cache_dir)) for s in cfg.seeds}
     if cfg.workers <= 1 or len(jobs) == 1:
         sources = {s: _prepare_source(*job) for s, job in jobs.items()}
     else:
@@ -353,7 +343,7 @@ def _execute(cfg: OfflineConfig, todo: list[tuple[Task, Path]], results: dict[Ta
     from tqdm.auto import tqdm
 
     pbar = tqdm(total=len(todo) + (theory is None), desc="fine-tuning runs", unit="run", disable=not progress)
-    init_args = (source_paths, cfg.pretrain.to_dict())
+    init_args = (source_paths,)
     try:
         if cfg.workers <= 1:
             _init_worker(*init_args, threads=1)

@@ -87,7 +87,7 @@ from surgical_optim import AutoRGN, keep_norm_eval, select_blocks
 from surgical_optim.online import adapt_online
 
 from ..protocol.stages import frozen_prefix, split_stages
-from ..runs import atomic_write_bytes
+from ..runs import Cell, atomic_write_bytes
 from . import data
 from .augment import augmented_copies
 from .pretrain import PretrainConfig
@@ -261,15 +261,11 @@ def _copies_seed(seed: int, held_out: bool) -> int:
 
 
 def _corrupt(x: torch.Tensor, corruption: str, seed: int) -> torch.Tensor:
-    """``data.corrupt``, plus the milder noises of :data:`MILD_NOISE` (same generator seeding)."""
-    if corruption not in MILD_NOISE:
-        return data.corrupt(x, corruption, seed)
-    kind, level = MILD_NOISE[corruption]
-    generator = torch.Generator().manual_seed(int(seed) + 7919)
-    if kind == "gaussian_noise":
-        return (x + level * torch.randn(x.shape, generator=generator)).clamp(0.0, 1.0)
-    r = torch.rand(x.shape, generator=generator)
-    return torch.where(r < level / 2, 0.0, torch.where(r > 1 - level / 2, 1.0, x))
+    """``data.corrupt``; the milder noises of :data:`MILD_NOISE` are its noises at a lower level."""
+    if corruption in MILD_NOISE:
+        kind, level = MILD_NOISE[corruption]
+        return data.corrupt(x, kind, seed, level=level)
+    return data.corrupt(x, corruption, seed)
 
 
 # ---------------------------------------------------------------------------- shared per-stream data
@@ -605,12 +601,9 @@ def _run_grouped(models: Mapping[int, nn.Module], tasks: Sequence[StreamTask], c
 
 # ------------------------------------------------------------------------------- the table, the plot
 def _mean_se(values: Sequence[float]) -> str:
-    """``mean ± s.e.`` over seeds, in %, one decimal (the mean alone for a single seed)."""
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return f"{100 * mean:.1f}"
-    variance = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
-    return f"{100 * mean:.1f} ± {100 * math.sqrt(variance / len(values)):.1f}"
+    """``mean ± s.e.`` over seeds of accuracies given as fractions, in %, one decimal (the mean alone for a
+    single seed)."""
+    return Cell.of(100 * v for v in values).fmt()
 
 
 def _accuracies(scored: Sequence[Mapping[str, Any]], variant: str, loss: str) -> dict[tuple[str, int], float]:

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from ..runs import atomic_write_text, config_hash, read_json
-from .pretrain import load_source
-from .runner import OfflineConfig, _pretrain_from_dict
+from .pretrain import PretrainConfig, load_source
+from .runner import OfflineConfig
 from .shifts import Shift
 from .stream import STREAM_SHIFTS, StreamConfig, plot_stream_curves, run_stream_experiment, stream_table
 
@@ -43,12 +43,12 @@ def _stream_path(cfg: OfflineConfig, scfg: StreamConfig, source_key: str, shift:
     return Path(cfg.out_dir) / "cache" / "stream" / shift.name / f"{seed}-{key}.json"
 
 
-def _run_one_stream(source_path: str, pretrain: dict[str, Any], shift: Shift, seed: int, scfg: StreamConfig,
+def _run_one_stream(source_path: str, pretrain: PretrainConfig, shift: Shift, seed: int, scfg: StreamConfig,
                     out_path: str) -> dict[str, Any]:
     """Worker: the held-out runs, the lr choice and the scored runs of one (shift, seed) stream."""
     torch.set_num_threads(1)
     started, cpu0 = time.perf_counter(), time.process_time()
-    model = load_source(Path(source_path), _pretrain_from_dict(pretrain))
+    model = load_source(Path(source_path), pretrain)
     out = run_stream_experiment({seed: model}, [shift], [seed], scfg)
     out.update({"shift": shift.name, "seed": seed, "wall_s": time.perf_counter() - started,
                 "cpu_s": time.process_time() - cpu0})
@@ -69,7 +69,7 @@ def run_streams(cfg: OfflineConfig, sources: dict[int, dict[str, Any]], *, log=p
             if cached is not None:
                 done.append(cached)
             else:
-                jobs.append((src["path"], cfg.source_config(seed).to_dict(), shift, seed, scfg, str(path)))
+                jobs.append((src["path"], cfg.source_config(seed), shift, seed, scfg, str(path)))
     log(f"unlabeled streams: {len(done) + len(jobs)} ({len(done)} cached, {len(jobs)} to do)")
     if jobs and cfg.workers > 1:
         with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=get_context("spawn")) as pool:

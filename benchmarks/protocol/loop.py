@@ -269,15 +269,12 @@ def _run_epoch(run: _Prepared, method: Method, optimizer: torch.optim.Optimizer,
         return optimizer
     batches = PeekableBatches(run.splits["train"].batches(cfg.batch_size, shuffle=True, generator=gen,
                                                           min_last=cfg.min_last_batch, shard=run.shard))
+    # the function a step differentiates: the model after any precomputed prefix, in DDP when data-parallel
+    forward = run.forward if ddp is None else ddp.wrap(run.forward, run.device)  # type: ignore[arg-type]
     optimizer = method.epoch_optimizer(run.work, optimizer, epoch - 1, cfg.epochs,
-                                       _epoch_losses(run, _trained(run, ddp), batches, cfg))
-    _train_epoch(run, _trained(run, ddp), method, optimizer, cfg, batches, record)
+                                       _epoch_losses(run, forward, batches, cfg))
+    _train_epoch(run, forward, method, optimizer, cfg, batches, record)
     return optimizer
-
-
-def _trained(run: _Prepared, ddp: _DataParallel | None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The function a step differentiates: the model after any precomputed prefix, in DDP when data-parallel."""
-    return run.forward if ddp is None else ddp.wrap(run.forward, run.device)  # type: ignore[arg-type]
 
 
 def _epoch_losses(run: _Prepared, forward: Callable[[torch.Tensor], torch.Tensor], batches: PeekableBatches,
