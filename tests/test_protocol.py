@@ -543,8 +543,9 @@ def test_patience_that_never_triggers_changes_nothing():
 
 
 def test_patience_stops_each_lr_and_selects_as_the_full_run_over_the_epochs_run(monkeypatch):
-    """The full run's per-epoch validation scores say where patience 1 must stop each lr (the first epoch
-    that is not a new best of that lr); the stopped run must select the full run's best over those epochs."""
+    """The full run's per-epoch validation accuracies say where patience 1 must stop each lr (the first epoch
+    whose accuracy is not above that lr's best so far: a tie with a lower loss is no progress); the stopped
+    run must select the full run's best (accuracy, then lower loss) over those epochs."""
     m = _model()
     data = (_data(48, 1), _data(24, 2), _data(30, 3))
     cfg = dict(lrs=(3e-2, 1e-2, 1e-3), epochs=6, batch_size=16)
@@ -555,7 +556,7 @@ def test_patience_stops_each_lr_and_selects_as_the_full_run_over_the_epochs_run(
         best = None
         for entry in (e for e in log if e[0] == lr):
             kept.append(entry)
-            key = (entry[2], -entry[3])
+            key = entry[2]
             if best is not None and key <= best:
                 break  # patience 1: the first epoch without a new best is the last one run
             best = key

@@ -38,8 +38,8 @@ run per block). New methods: subclass :class:`Method` and call :func:`register_m
 travel in ``ProtocolConfig.method_options[name]``. A method may replace the optimizer at the start of every
 epoch after looking at that epoch's first training losses (:meth:`Method.epoch_optimizer`).
 
-Early stopping: ``ProtocolConfig(patience=k)`` ends an lr's run after k epochs in a row without a new best
-validation score of that lr (accuracy, ties: lower loss); its curve then holds only the epochs that ran
+Early stopping: ``ProtocolConfig(patience=k)`` ends an lr's run after k epochs in a row without a higher
+validation accuracy of that lr (a tie with a lower loss is not progress); its curve then holds only the epochs that ran
 (``FinetuneResult.epochs_run``; ``FinetuneResult.steps`` counts the optimizer steps). Every epoch that ran is
 trained and evaluated exactly as without stopping, so the selection is the full run's over those epochs.
 

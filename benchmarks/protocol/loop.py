@@ -248,7 +248,7 @@ def _train_one_lr(run: _Prepared, spec: MethodSpec, lr: float, cfg: ProtocolConf
             record.curve.append(val.acc)
             record.epochs += 1
             selection.offer(lr, epoch, val, run.work)
-            plateau.offer(selection_key(val.acc, val.loss))
+            plateau.offer(val.acc)
         if progress is not None:
             progress(1)
         if plateau.stalled:

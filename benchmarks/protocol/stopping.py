@@ -6,17 +6,20 @@ __all__ = ["Plateau"]
 
 
 class Plateau:
-    """Counts the epochs since this lr's best validation score; :attr:`stalled` once ``patience`` epochs in a
-    row brought no new best. Scores are ``selection_key(val_acc, val_loss)`` (higher is better): the order
-    the (lr, epoch) selection uses, so "no new best" means "no epoch the selection would prefer to this lr's
-    best so far". ``patience=None`` never stalls."""
+    """Counts the epochs since this lr's best validation accuracy; :attr:`stalled` once ``patience`` epochs in
+    a row brought no higher one. ``patience=None`` never stalls.
+
+    Accuracy alone, not the selection's (accuracy, lower loss) order: on a small validation split the
+    accuracy settles while the loss keeps falling a little every epoch at a small lr, and counting that as
+    progress kept the smallest lr of the grid running to the last epoch in most runs (the selection still
+    breaks accuracy ties by the loss, over the epochs that ran)."""
 
     def __init__(self, patience: int | None) -> None:
         self.patience = patience
-        self.best: tuple[float, float] | None = None
+        self.best: float | None = None
         self.since_best = 0
 
-    def offer(self, score: tuple[float, float]) -> None:
+    def offer(self, score: float) -> None:
         if self.best is None or score > self.best:
             self.best, self.since_best = score, 0
         else:
