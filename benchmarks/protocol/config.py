@@ -19,8 +19,10 @@ OptimizerFactory = Callable[[list[dict[str, Any]], float, float], torch.optim.Op
 
 
 def default_optimizer(groups: list[dict[str, Any]], lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """Adam with (coupled, L2) weight decay, as in the official code."""
-    return torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay)
+    """Adam with (coupled, L2) weight decay, as in the official code; the fused implementation (the same
+    update, one kernel per param group: on a CPU a fifth of a small network's step went to the per-tensor
+    loop)."""
+    return torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay, fused=True)
 
 
 @dataclass
@@ -53,8 +55,8 @@ class ProtocolConfig:
     #: the block split every method and the frozen-prefix precompute use: a ``surgical_optim`` matcher
     #: (parameter name -> block name); None: the library's default split (``block_names(model)``)
     blocks: BlockMatcher | None = None
-    #: early stopping: an lr's run ends after this many consecutive epochs without a new best validation
-    #: score of that lr (accuracy, ties broken by the lower loss: ``selection_key``); None: every epoch runs
+    #: early stopping: an lr's run ends after this many consecutive epochs without a higher validation
+    #: accuracy of that lr (``stopping.Plateau``); None: every epoch runs
     patience: int | None = None
 
     def __post_init__(self) -> None:
