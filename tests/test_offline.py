@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 
 import pytest
@@ -168,6 +169,25 @@ def test_interrupted_run_keeps_finished_runs(tmp_path):
     files[0].unlink()
     second = run(cfg, progress=False, log=lambda *_: None)
     assert second["runs_cached"] == second["runs_total"] - 1
+
+
+def test_a_seeds_runs_start_while_a_later_source_model_pre_trains(tmp_path):
+    """Two workers, three seeds: seeds 0 and 1 pre-train first; seed 2's source model then pre-trains on one
+    worker while seed 0's runs go to the other, so the first finished run is written before the last source
+    checkpoint (not after every source model, which left a core idle for a whole pre-training)."""
+    from benchmarks.offline.runner import quick_config, run
+
+    cfg = replace(quick_config(str(tmp_path)), workers=2, methods=("none", "fc"), seeds=(0, 1, 2),
+                  rows=("blur", "contrast"))
+    raw = run(cfg, progress=False, log=lambda *_: None)
+    assert raw["runs_total"] == 12 and len(raw["results"]) == 12
+    source_written = {s: os.path.getmtime(src["path"]) for s, src in raw["sources"].items()}
+    runs = sorted((tmp_path / "cache" / "runs").rglob("*.json"), key=os.path.getmtime)
+    assert len(runs) == 12
+    assert os.path.getmtime(runs[0]) < max(source_written.values())
+    again = run(cfg, progress=False, log=lambda *_: None)
+    assert again["runs_cached"] == 12
+    assert {t: r["test_acc"] for t, r in again["results"].items()} == {t: r["test_acc"] for t, r in raw["results"].items()}
 
 
 def test_calibrate_noise_picks_from_the_ladder():

@@ -13,7 +13,7 @@ import json
 import os
 import time
 from collections import OrderedDict
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field, replace
 from multiprocessing import get_context
 from pathlib import Path
@@ -23,7 +23,7 @@ import torch
 
 from ..protocol import PrefixCache, ProtocolConfig, finetune
 from ..runs import atomic_write_text, config_hash, read_json
-from .pretrain import PretrainConfig, load_or_pretrain, load_source
+from .pretrain import PretrainConfig, load_or_pretrain, load_source, source_path
 from .shifts import BLOCK_NOISE_BLOCKS, SHIFTS, Shift, calibrate_noise, noise_shifts, perturb_block, target_splits
 from .theory import TwoLayerConfig, run_two_layer
 
@@ -37,7 +37,7 @@ BLOCKS: tuple[str, ...] = ("stem", "layer1", "layer2", "layer3", "layer4", "fc")
 #: rough relative cost of one run (full fine-tuning = 1), to order the work
 _COST = {"none": 0.02, "fc": 0.08, "layer4": 0.3, "layer3": 0.4, "layer2": 0.55, "layer1": 0.8}
 
-RUN_VERSION = 2  # bump when the protocol changes in a way the hash does not see
+RUN_VERSION = 3  # bump when the protocol changes in a way the hash does not see
 
 
 @dataclass
@@ -55,7 +55,7 @@ class OfflineConfig:
     batch_size: int = 32
     epochs: int = 30
     #: an lr's run stops after this many epochs without a better validation accuracy (None: never)
-    patience: int | None = 6
+    patience: int | None = 5
     workers: int = 2
     #: per seed, per-block noise scales of the block-noise experiment; None: calibrated per source model
     noise_scales: dict[int, dict[str, float]] | None = None
@@ -253,7 +253,10 @@ def _theory_path(cfg: OfflineConfig) -> Path:
 
 
 def run(cfg: OfflineConfig, *, progress: bool = True, log=print) -> dict[str, Any]:
-    """Pre-train (or load) one source model per seed, run all missing runs, return the raw results."""
+    """Pre-train (or load) one source model per seed, run all missing runs, return the raw results.
+
+    One pool does both: a seed's runs are queued as soon as its source model (and noise calibration) is
+    ready, so they run beside the source models still pre-training instead of after all of them."""
     started = time.perf_counter()
     cache_dir = Path(cfg.out_dir) / "cache"
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -262,30 +265,26 @@ def run(cfg: OfflineConfig, *, progress: bool = True, log=print) -> dict[str, An
     # run one thread each too.
     cfg.check_rows()
     torch.set_num_threads(1)
-    sources = _source_models(cfg, cache_dir, log)
-    if cfg.noise_scales is None:
-        cfg = replace(cfg, noise_scales={s: {b: v["scale"] for b, v in src["calibration"].items()}
-                                         for s, src in sources.items()})
-    tasks = [Task(shift, seed, method) for seed in cfg.seeds for shift in cfg.shifts(seed) for method in cfg.methods]
-    results, todo = _cached_runs(cfg, {s: Path(src["path"]).stem for s, src in sources.items()}, tasks)
     theory_path = _theory_path(cfg)
     theory = read_json(theory_path) if theory_path.exists() else None
-    log(f"{len(tasks)} runs: {len(results)} cached, {len(todo)} to do" + ("" if theory is None else "; two-layer check cached"))
-    paths = {s: src["path"] for s, src in sources.items()}
-    theory = _execute(cfg, todo, results, theory, theory_path, paths, progress)
+    paths = {s: str(source_path(cfg.source_config(s), cache_dir)) for s in cfg.seeds}
+    schedule = _Schedule(cfg, cache_dir, log)
+    schedule.run(paths, theory, theory_path, progress)
+    sources, results = schedule.sources, schedule.results
+    cfg = _with_noise_scales(cfg, sources)
     wall = time.perf_counter() - started
     # everything (pre-training included) computed by this invocation: remember how long it took
     fresh_sources = not any(src["cached"] for src in sources.values())
-    from_scratch_now = len(todo) == len(tasks) and fresh_sources and bool(todo)
+    from_scratch_now = schedule.todo == schedule.total and fresh_sources and schedule.todo > 0
     return {
         "config": cfg,
         "sources": sources,
         "results": results,
-        "two_layer": theory,
+        "two_layer": schedule.theory,
         "wall_s": wall,
-        "from_scratch": _from_scratch_timing(cfg, cache_dir, wall, len(tasks), from_scratch_now),
-        "runs_cached": len(tasks) - len(todo),
-        "runs_total": len(tasks),
+        "from_scratch": _from_scratch_timing(cfg, cache_dir, wall, schedule.total, from_scratch_now),
+        "runs_cached": schedule.total - schedule.todo,
+        "runs_total": schedule.total,
     }
 
 
@@ -302,21 +301,102 @@ def _prepare_source(cfg: PretrainConfig, cache_dir: str) -> dict[str, Any]:
             "seconds": info.get("seconds"), "seed": cfg.seed, "calibration": calibration}
 
 
-def _source_models(cfg: OfflineConfig, cache_dir: Path, log) -> dict[int, dict[str, Any]]:
-    """Per seed: its source model (pre-trained in the worker pool when missing) and noise calibration."""
-    jobs = {s: (cfg.source_config(s), str(cache_dir)) for s in cfg.seeds}
-    if cfg.workers <= 1 or len(jobs) == 1:
-        sources = {s: _prepare_source(*job) for s, job in jobs.items()}
-    else:
-        with ProcessPoolExecutor(max_workers=min(cfg.workers, len(jobs)), mp_context=get_context("spawn")) as pool:
-            futures = {s: pool.submit(_prepare_source, *job) for s, job in jobs.items()}
-            sources = {s: f.result() for s, f in futures.items()}
-    for s, src in sources.items():
-        scales = ", ".join(f"{b} {v['scale']:g}" for b, v in src["calibration"].items())
-        how = "cached" if src["cached"] else f"pre-trained in {src['seconds']:.0f} s"
-        log(f"seed {s}: source model {Path(src['path']).name} ({how}), source val accuracy "
-            f"{src['source_val_acc']:.4f}; block-noise scales (x weight std): {scales}")
-    return sources
+def _with_noise_scales(cfg: OfflineConfig, sources: dict[int, dict[str, Any]]) -> OfflineConfig:
+    """``cfg`` with the block-noise scales of its source models (unless it fixes them itself)."""
+    if cfg.noise_scales is not None:
+        return cfg
+    scales = {s: {b: v["scale"] for b, v in src["calibration"].items()} for s, src in sources.items()}
+    return replace(cfg, noise_scales=scales)
+
+
+def _log_source(seed: int, src: dict[str, Any], log) -> None:
+    scales = ", ".join(f"{b} {v['scale']:g}" for b, v in src["calibration"].items())
+    how = "cached" if src["cached"] else f"pre-trained in {src['seconds']:.0f} s"
+    log(f"seed {seed}: source model {Path(src['path']).name} ({how}), source val accuracy "
+        f"{src['source_val_acc']:.4f}; block-noise scales (x weight std): {scales}")
+
+
+class _Schedule:
+    """The jobs of one invocation: every seed's source model, then that seed's runs not in the cache (most
+    expensive first within each (shift, seed) group, whose data and prefix activations a worker reuses),
+    and the two-layer check unless cached; in this process (``workers <= 1``) or in a process pool."""
+
+    def __init__(self, cfg: OfflineConfig, cache_dir: Path, log) -> None:
+        self.cfg, self.cache_dir, self.log = cfg, cache_dir, log
+        self.sources: dict[int, dict[str, Any]] = {}
+        self.results: dict[Task, dict[str, Any]] = {}
+        self.theory: dict[str, Any] | None = None
+        self.total = self.todo = 0
+
+    def run(self, paths: dict[int, str], theory: dict[str, Any] | None, theory_path: Path, progress: bool) -> None:
+        from tqdm.auto import tqdm
+
+        self.theory = theory
+        pool = _pool(self.cfg.workers, paths)
+        pbar = tqdm(total=len(self.cfg.seeds) + (theory is None), desc="offline jobs", unit="job",
+                    disable=not progress)
+        try:
+            jobs = {pool.submit(_prepare_source, self.cfg.source_config(s), str(self.cache_dir)): ("source", s)
+                    for s in self.cfg.seeds}
+            if theory is None:
+                jobs[pool.submit(_run_theory, self.cfg.two_layer, str(theory_path))] = ("theory", None)
+            pending = set(jobs)
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    kind, key = jobs.pop(fut)
+                    pending |= self._finished(kind, key, fut.result(), pool, jobs, pbar)
+                    pbar.update(1)
+        except BaseException:
+            # Ctrl-C or a failed job: drop the queued jobs at once (finished runs are already on disk)
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        finally:
+            pbar.close()
+        pool.shutdown(wait=True)
+        self.log(f"{self.total} runs: {self.total - self.todo} cached, {self.todo} run now")
+
+    def _finished(self, kind: str, key: Any, value: Any, pool, jobs: dict, pbar) -> set:
+        """Record a finished job; the jobs it makes ready (a source model's runs), submitted."""
+        if kind == "theory":
+            self.theory = value
+            return set()
+        if kind == "run":
+            self.results[key] = value
+            pbar.set_postfix_str(f"{key.shift.name}/{key.seed}/{key.method}")
+            return set()
+        self.sources[key] = value
+        _log_source(key, value, self.log)
+        cfg = _with_noise_scales(replace(self.cfg, seeds=(key,)), {key: value})
+        tasks = [Task(shift, key, method) for shift in cfg.shifts(key) for method in cfg.methods]
+        cached, todo = _cached_runs(cfg, {key: Path(value["path"]).stem}, tasks)
+        self.results.update(cached)
+        self.total, self.todo = self.total + len(tasks), self.todo + len(todo)
+        pbar.total += len(todo)
+        pbar.refresh()
+        new = {pool.submit(_run_task, task, cfg, str(path)): ("run", task) for task, path in todo}
+        jobs.update(new)
+        return set(new)
+
+
+class _InlineExecutor(Executor):
+    """Runs each job when it is submitted, in this process (``workers <= 1``)."""
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:  # type: ignore[override]
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:  # re-raised by future.result(), as a pool's job would be
+            future.set_exception(exc)
+        return future
+
+
+def _pool(workers: int, source_paths: dict[int, str]) -> Executor:
+    if workers <= 1:
+        _init_worker(source_paths, threads=1)
+        return _InlineExecutor()
+    return ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_init_worker,
+                               initargs=(source_paths,))
 
 
 def _cached_runs(cfg: OfflineConfig, source_keys: dict[int, str],
@@ -334,72 +414,6 @@ def _cached_runs(cfg: OfflineConfig, source_keys: dict[int, str],
             todo.append((task, path))
     todo.sort(key=lambda tp: (tasks.index(Task(tp[0].shift, tp[0].seed, cfg.methods[0])), -_COST.get(tp[0].method, 1.0)))
     return results, todo
-
-
-def _execute(cfg: OfflineConfig, todo: list[tuple[Task, Path]], results: dict[Task, dict[str, Any]],
-             theory: dict[str, Any] | None, theory_path: Path, source_paths: dict[int, str], progress: bool) -> dict[str, Any]:
-    """Run ``todo`` (into ``results``) and the two-layer check unless cached, in this process or in
-    ``cfg.workers`` worker processes; the two-layer result."""
-    from tqdm.auto import tqdm
-
-    pbar = tqdm(total=len(todo) + (theory is None), desc="fine-tuning runs", unit="run", disable=not progress)
-    init_args = (source_paths,)
-    try:
-        if cfg.workers <= 1:
-            _init_worker(*init_args, threads=1)
-            theory = _execute_here(cfg, todo, results, theory, theory_path, pbar)
-        elif todo or theory is None:
-            theory = _execute_in_pool(cfg, todo, results, theory, theory_path, pbar, init_args)
-    finally:
-        pbar.close()
-    assert theory is not None
-    return theory
-
-
-def _execute_here(cfg, todo, results, theory, theory_path: Path, pbar) -> dict[str, Any]:
-    if theory is None:
-        theory = _run_theory(cfg.two_layer, str(theory_path))
-        pbar.update(1)
-    for task, path in todo:
-        results[task] = _run_task(task, cfg, str(path))
-        pbar.set_postfix_str(f"{task.shift.name}/{task.seed}/{task.method}")
-        pbar.update(1)
-    return theory
-
-
-def _execute_in_pool(cfg, todo, results, theory, theory_path: Path, pbar, init_args) -> dict[str, Any]:
-    pool = ProcessPoolExecutor(max_workers=cfg.workers, mp_context=get_context("spawn"), initializer=_init_worker,
-                               initargs=init_args)
-    try:
-        futures: dict[Any, Task | None] = {}
-        if theory is None:
-            futures[pool.submit(_run_theory, cfg.two_layer, str(theory_path))] = None
-        for task, path in todo:
-            futures[pool.submit(_run_task, task, cfg, str(path))] = task
-        pending = set(futures)
-        while pending:
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
-            theory = _collect(done, futures, results, pbar) or theory
-    except BaseException:
-        # Ctrl-C or a failed run: drop the queued runs at once (finished ones are already on disk)
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
-    pool.shutdown(wait=True)
-    return theory
-
-
-def _collect(done, futures, results, pbar) -> dict[str, Any] | None:
-    """Record finished futures; the two-layer result if it is among them."""
-    theory = None
-    for fut in done:
-        task, value = futures[fut], fut.result()
-        if task is None:
-            theory = value
-        else:
-            results[task] = value
-            pbar.set_postfix_str(f"{task.shift.name}/{task.seed}/{task.method}")
-        pbar.update(1)
-    return theory
 
 
 def _from_scratch_timing(cfg: OfflineConfig, cache_dir: Path, wall: float, runs: int, now: bool) -> Any:
