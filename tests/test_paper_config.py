@@ -48,12 +48,15 @@ def test_bad_values_are_usage_errors(argv, fragment):
 
 
 def test_patience_reaches_the_protocol_and_joins_the_run_identity_only_when_set():
-    """Without --patience, a run's identity (so its id) is what it was before the flag existed."""
+    """Without --patience, a run's identity has no patience key; with it, the key joins. The identity names
+    the protocol's version, so runs stored before its numbers changed (fused Adam, the accuracy plateau)
+    are not taken for runs of this one."""
     plain = _config("--dataset", "cifar_flip")
     patient = _config("--dataset", "cifar_flip", "--patience", "3")
     assert plain.finetune.patience is None and patient.finetune.patience == 3
     assert protocol_config(patient.finetune, 0.1, "tiny_cnn", "cpu").patience == 3
     assert protocol_config(plain.finetune, 0.1, "tiny_cnn", "cpu").patience is None
     assert set(run_identity(plain, "src")) == {"source", "epochs", "batch_size", "weight_decay", "data_seed",
-                                              "loader_kwargs", "l1sp_weight", "snr_threshold"}
+                                              "loader_kwargs", "l1sp_weight", "snr_threshold", "protocol"}
+    assert run_identity(plain, "src")["protocol"] >= 2  # 0.4.0's runs had no version (version 1)
     assert run_identity(patient, "src") == {**run_identity(plain, "src"), "patience": 3}

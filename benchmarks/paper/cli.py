@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lrs", default=",".join(str(x) for x in PAPER_LRS), help="learning-rate grid")
     p.add_argument("--seeds", default="0,1,2", help="fine-tuning seeds")
     p.add_argument("--epochs", type=int, help="fine-tuning epochs (default per dataset)")
-    p.add_argument("--patience", type=int, help="stop a run after this many epochs in a row without a new best "
+    p.add_argument("--patience", type=int, help="stop a run after this many epochs in a row without a higher "
                                                 "validation accuracy (default: run every epoch)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--weight-decay", type=float, default=1e-4)

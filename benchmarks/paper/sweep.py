@@ -21,6 +21,7 @@ from surgical_optim import block_names
 
 from ..datasets import BenchmarkData
 from ..protocol import PrefixCache, method_names
+from ..protocol.config import PROTOCOL_VERSION
 from ..runs import ResultStore, config_hash
 from .config import HarnessConfig, UsageError
 from .data import TargetSplits, load_variant, prepare_data
@@ -64,6 +65,7 @@ def run_identity(cfg: HarnessConfig, source_hash: str) -> dict[str, Any]:
         "loader_kwargs": cfg.data.loader_kwargs,
         "l1sp_weight": ft.l1sp_weight,
         "snr_threshold": ft.snr_threshold,
+        "protocol": PROTOCOL_VERSION,
         # settings added later join the identity only when set, so earlier runs keep their ids
         **({"patience": ft.patience} if ft.patience is not None else {}),
     }

@@ -10,7 +10,12 @@ import torch
 
 from surgical_optim import BlockMatcher
 
-__all__ = ["PAPER_LRS", "OptimizerFactory", "default_optimizer", "ProtocolConfig", "EvalResult", "FinetuneResult"]
+__all__ = ["PROTOCOL_VERSION", "PAPER_LRS", "OptimizerFactory", "default_optimizer", "ProtocolConfig", "EvalResult", "FinetuneResult"]
+
+#: Bump when the protocol's numbers change in a way ``ProtocolConfig.to_dict()`` does not show, so stores that
+#: key runs by their settings add it to the key. 2: fused Adam by default; patience counts epochs without a
+#: higher validation accuracy (1: per-tensor Adam; a lower loss at equal accuracy was progress).
+PROTOCOL_VERSION = 2
 
 #: The learning-rate grid of the official code.
 PAPER_LRS: tuple[float, ...] = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5)
