@@ -3,7 +3,7 @@
 So ``surgical_optim.param_groups_by_block`` names its blocks ``stem, layer1, layer2, layer3, layer4, fc``
 and the protocol can split it into stages to precompute frozen-prefix activations. One BasicBlock per
 stage. The offline source model uses widths 8-16-32-64 with a stride-2 stem and a stride-1 ``layer4``
-(32x32 input -> 16x16 -> 8x8 -> 4x4 -> 2x2 -> 2x2): ~80 k parameters, ~0.5 M multiply-adds per image. The
+(32x32 input -> 16x16 -> 8x8 -> 4x4 -> 2x2 -> 2x2): ~80 k parameters, ~0.6 M multiply-adds per image. The
 class defaults (stride-1 stem, every block stride 2, widths 16-32-64-128) are the 0.2 network: ~0.3 M
 parameters, ~4 M multiply-adds.
 """

@@ -28,9 +28,9 @@ class PretrainConfig:
     lr: float = 3e-3
     weight_decay: float = 5e-4
     seed: int = 1_000_003
-    #: half the 0.2 widths (16-32-64-128), and a stride-2 stem (``layer4`` at stride 1, so that it still sees
-    #: 2x2 pixels): an eighth of the 0.2 network's multiply-adds, so that three source models and runs of up
-    #: to 240 steps fit the main job's time
+    #: half the 0.2 widths (16-32-64-128) and a stride-2 stem (``layer4`` at stride 1, so that it still
+    #: sees 2x2 pixels): a seventh of the 0.2 network's multiply-adds (a third of 0.4's), so that three
+    #: source models and runs of up to 240 steps fit the main job's time
     widths: tuple[int, ...] = (8, 16, 32, 64)
     stem_stride: int = 2
     strides: tuple[int, ...] = (2, 2, 2, 1)
