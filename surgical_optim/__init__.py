@@ -36,7 +36,7 @@ from .norm import NormEvalHandle, keep_norm_eval
 from .online import adapt_online
 from .snr import per_example_gradient_snr
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"
 
 __all__ = [
     "AutoRGN",

@@ -29,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--ablation", choices=sorted(ABLATIONS), default=None,
                         help="run one Auto-RGN ablation (and full fine-tuning) on every row; prints the ablation table")
     parser.add_argument("--stream", action="store_true",
-                        help="also run the unlabeled-stream (test-time adaptation) experiment: about 10 more minutes")
+                        help="also run the unlabeled-stream (test-time adaptation) experiment: about 4 more minutes")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
