@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
+import queue
+import threading
+from concurrent.futures import Executor, Future
 from dataclasses import replace
 
 import pytest
@@ -171,23 +173,56 @@ def test_interrupted_run_keeps_finished_runs(tmp_path):
     assert second["runs_cached"] == second["runs_total"] - 1
 
 
-def test_a_seeds_runs_start_while_a_later_source_model_pre_trains(tmp_path):
-    """Two workers, three seeds: seeds 0 and 1 pre-train first; seed 2's source model then pre-trains on one
-    worker while seed 0's runs go to the other, so the first finished run is written before the last source
-    checkpoint (not after every source model, which left a core idle for a whole pre-training)."""
-    from benchmarks.offline.runner import quick_config, run
+class _ManualExecutor(Executor):
+    """Holds every submitted job until the test runs it, so the test decides the order jobs finish in."""
 
-    cfg = replace(quick_config(str(tmp_path)), workers=2, methods=("none", "fc"), seeds=(0, 1, 2),
-                  rows=("blur", "contrast"))
-    raw = run(cfg, progress=False, log=lambda *_: None)
-    assert raw["runs_total"] == 12 and len(raw["results"]) == 12
-    source_written = {s: os.path.getmtime(src["path"]) for s, src in raw["sources"].items()}
-    runs = sorted((tmp_path / "cache" / "runs").rglob("*.json"), key=os.path.getmtime)
-    assert len(runs) == 12
-    assert os.path.getmtime(runs[0]) < max(source_written.values())
-    again = run(cfg, progress=False, log=lambda *_: None)
-    assert again["runs_cached"] == 12
-    assert {t: r["test_acc"] for t, r in again["results"].items()} == {t: r["test_acc"] for t, r in raw["results"].items()}
+    def __init__(self) -> None:
+        self.jobs: queue.Queue = queue.Queue()
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        future: Future = Future()
+        self.jobs.put((fn, args, future))
+        return future
+
+
+def test_a_seeds_runs_are_queued_as_soon_as_its_source_model_is_ready(tmp_path):
+    """Seed 0's runs go to the pool the moment seed 0's source model is ready, while seeds 1 and 2 still
+    pre-train (so a worker that finishes a source model starts on runs instead of idling until every source
+    model is done); then every job completes."""
+    from benchmarks.offline import runner
+    from benchmarks.offline.pretrain import source_path
+
+    threads = torch.get_num_threads()  # the jobs below set one thread, as a worker does
+    cfg = replace(runner.quick_config(str(tmp_path)), methods=("none",), seeds=(0, 1, 2), rows=("blur",))
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir(parents=True)
+    paths = {s: str(source_path(cfg.source_config(s), cache_dir)) for s in cfg.seeds}
+    pool, schedule = _ManualExecutor(), runner._Schedule(cfg, cache_dir, lambda *_: None)
+    thread = threading.Thread(target=schedule.run, args=(pool, {"cached": True}, tmp_path / "theory.json", False))
+    thread.start()
+    try:
+        sources = [pool.jobs.get(timeout=60) for _ in cfg.seeds]
+        assert [fn.__name__ for fn, _, _ in sources] == ["_prepare_source"] * 3 and pool.jobs.empty()
+        fn, args, future = sources[0]
+        future.set_result(fn(*args))
+        fn, args, future = pool.jobs.get(timeout=60)
+        assert fn.__name__ == "_run_task" and args[0].seed == 0
+        assert not sources[1][2].done() and not sources[2][2].done()
+        runner._init_worker(paths)
+        future.set_result(fn(*args))
+        for fn, args, future in sources[1:]:
+            future.set_result(fn(*args))
+        while thread.is_alive() or not pool.jobs.empty():
+            try:
+                fn, args, future = pool.jobs.get(timeout=1)
+            except queue.Empty:
+                continue
+            future.set_result(fn(*args))
+        thread.join(timeout=60)
+    finally:
+        torch.set_num_threads(threads)
+    assert set(schedule.sources) == {0, 1, 2}
+    assert schedule.total == schedule.todo == 3 and {t.seed for t in schedule.results} == {0, 1, 2}
 
 
 def test_calibrate_noise_picks_from_the_ladder():

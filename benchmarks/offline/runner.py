@@ -269,7 +269,7 @@ def run(cfg: OfflineConfig, *, progress: bool = True, log=print) -> dict[str, An
     theory = read_json(theory_path) if theory_path.exists() else None
     paths = {s: str(source_path(cfg.source_config(s), cache_dir)) for s in cfg.seeds}
     schedule = _Schedule(cfg, cache_dir, log)
-    schedule.run(paths, theory, theory_path, progress)
+    schedule.run(_pool(cfg.workers, paths), theory, theory_path, progress)
     sources, results = schedule.sources, schedule.results
     cfg = _with_noise_scales(cfg, sources)
     wall = time.perf_counter() - started
@@ -328,11 +328,11 @@ class _Schedule:
         self.theory: dict[str, Any] | None = None
         self.total = self.todo = 0
 
-    def run(self, paths: dict[int, str], theory: dict[str, Any] | None, theory_path: Path, progress: bool) -> None:
+    def run(self, pool: Executor, theory: dict[str, Any] | None, theory_path: Path, progress: bool) -> None:
+        """Every job through ``pool`` (shut down at the end); ``theory``: the cached two-layer result, if any."""
         from tqdm.auto import tqdm
 
         self.theory = theory
-        pool = _pool(self.cfg.workers, paths)
         pbar = tqdm(total=len(self.cfg.seeds) + (theory is None), desc="offline jobs", unit="job",
                     disable=not progress)
         try:
