@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from benchmarks.offline import stream as S
+from benchmarks.offline.stream_report import stream_table
 from benchmarks.offline.augment import augmented_copies
 from benchmarks.offline.model import SmallResNet
 from benchmarks.offline.shifts import SHIFTS
@@ -252,7 +253,7 @@ def test_stream_table_reports_mean_and_standard_error_over_seeds():
     results = [scored_result("contrast", 0, "first", "memo", 0.5), scored_result("contrast", 1, "first", "memo", 0.7),
                scored_result("contrast", 0, "none", None, 0.4), scored_result("contrast", 1, "none", None, 0.4),
                held_out_result("first", 1e-3, 0.1)]
-    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in S.stream_table(results).splitlines()
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in stream_table(results).splitlines()
             if line.startswith("| ")}
     assert rows["first"][1] == "60.0 ± 10.0"  # mean 0.6, s.e. = std 0.1414 / sqrt 2 = 0.1
     assert rows["first"][-1].strip(" |") == "75.4"  # the paper's "layer 1" beside it
@@ -274,6 +275,6 @@ def test_stream_table_leaves_out_variants_a_loss_did_not_run():
     (all-dash) row in the MEMO table."""
     results = [scored_result("contrast", 0, "layer2", "entropy", 0.5), scored_result("contrast", 0, "first", "memo", 0.6),
                scored_result("contrast", 0, "none", None, 0.4)]
-    tables = S.stream_table(results).split("**memo**")
+    tables = stream_table(results).split("**memo**")
     assert "| layer2 |" in tables[0] and "| layer2 |" not in tables[1]
     assert "| first |" in tables[1] and "| none |" in tables[1]

@@ -10,5 +10,6 @@ test (one seed, tiny sets) writing to ``results/offline/quick/``.
 
 Modules: ``data`` (generator, corruptions), ``model`` (SmallResNet), ``shifts``, ``pretrain`` (cached
 source model), ``runner`` (tasks, caching, worker processes), ``theory`` (two-layer check), ``report`` and
-``plots``.
+``plots``; ``ablation`` (Auto-RGN ablations); ``stream``, ``augment``, ``stream_runner`` and ``stream_report``
+(the unlabeled-stream experiment, its MEMO copies, its cached runs, its table and curves).
 """

@@ -22,7 +22,8 @@ from ..runs import atomic_write_text, config_hash, read_json
 from .pretrain import PretrainConfig, load_source
 from .runner import OfflineConfig
 from .shifts import Shift
-from .stream import STREAM_SHIFTS, StreamConfig, plot_stream_curves, run_stream_experiment, stream_table
+from .stream import STREAM_SHIFTS, StreamConfig, run_stream_experiment
+from .stream_report import plot_stream_curves, stream_table
 
 __all__ = ["stream_config", "run_streams", "write_stream_outputs"]
 
