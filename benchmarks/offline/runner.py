@@ -367,7 +367,7 @@ class _Schedule:
             return set()
         self.sources[key] = value
         _log_source(key, value, self.log)
-        cfg = _with_noise_scales(replace(self.cfg, seeds=(key,)), {key: value})
+        cfg = _with_noise_scales(self.cfg, {key: value})
         tasks = [Task(shift, key, method) for shift in cfg.shifts(key) for method in cfg.methods]
         cached, todo = _cached_runs(cfg, {key: Path(value["path"]).stem}, tasks)
         self.results.update(cached)
@@ -412,7 +412,8 @@ def _cached_runs(cfg: OfflineConfig, source_keys: dict[int, str],
             results[task] = cached
         else:
             todo.append((task, path))
-    todo.sort(key=lambda tp: (tasks.index(Task(tp[0].shift, tp[0].seed, cfg.methods[0])), -_COST.get(tp[0].method, 1.0)))
+    group = {key: i for i, key in enumerate(dict.fromkeys((t.shift.name, t.seed) for t in tasks))}
+    todo.sort(key=lambda tp: (group[tp[0].shift.name, tp[0].seed], -_COST.get(tp[0].method, 1.0)))
     return results, todo
 
 
