@@ -2,8 +2,8 @@
 
 At the start of every epoch, with the weights as the previous epoch left them, the training loss of each of
 the epoch's first ``batches`` (5) mini-batches is differentiated on its own; each tensor's relative gradient
-norm ||g|| / ||w|| of that batch is read to the host (the official code's ``.item()``), averaged over the
-batches and divided by the largest; then the optimizer is made anew from the protocol's factory (Adam with
+norm ||g|| / ||w|| of that batch is taken in float64 (the official code's ``.item()`` gives Python floats),
+averaged over the batches, read to the host once and divided by the largest; then the optimizer is made anew from the protocol's factory (Adam with
 weight decay by default: its state is lost every epoch), one param group per tensor with lr = base lr x that
 multiplier, held for the whole epoch. Parameters whose name matches the ``exclude`` regex (default ``"bn"``,
 the official code's ``"bn" not in name``) are frozen: they are never trained.
@@ -82,20 +82,23 @@ class AutoRGNPaper(Method):
         return self._make_optimizer([{"params": [p], "lr": self._lr * m} for p, m in zip(self._tensors, multipliers)])
 
     def _mean_rgn(self, model: nn.Module, losses: EpochLosses) -> list[float]:
-        """Each trained tensor's RGN, one batch's gradient at a time, averaged over the batches."""
-        weight_norms = _host_norms(self._tensors)
-        sums, count = [0.0] * len(self._tensors), 0
+        """Each trained tensor's RGN, one batch's gradient at a time, averaged over the batches (in float64,
+        as the official code's Python floats; read to the host once)."""
+        weight_norms = _norms(self._tensors)
+        sums, count = torch.zeros_like(weight_norms), 0
         for loss in losses(self.batches):
             for p in model.parameters():
                 p.grad = None
             loss.backward()
-            grad_norms = _host_norms([p.grad if p.grad is not None else p.new_zeros(()) for p in self._tensors])
-            for i, (g, w) in enumerate(zip(grad_norms, weight_norms)):
-                sums[i] += g / w if w > 0 else (math.inf if g > 0 else 0.0)
+            grad_norms = _norms([p.grad if p.grad is not None else p.new_zeros(()) for p in self._tensors])
+            # a zero weight norm: unbounded for a non-zero gradient, 0 otherwise (the official code divides by 0)
+            unbounded = torch.full_like(grad_norms, math.inf)
+            zero_weight = torch.where(grad_norms > 0, unbounded, torch.zeros_like(grad_norms))
+            sums += torch.where(weight_norms > 0, grad_norms / weight_norms, zero_weight)
             count += 1
         for p in model.parameters():
             p.grad = None
-        return [s / count for s in sums]
+        return (sums / count).tolist()
 
     def diagnostics(self):
         if not self._epochs:
@@ -103,10 +106,10 @@ class AutoRGNPaper(Method):
         return {"block_multipliers": {b: s / self._epochs for b, s in self._sums.items()}}
 
 
-def _host_norms(tensors: Sequence[torch.Tensor]) -> list[float]:
-    """The 2-norm of each tensor as a Python float, in one transfer: the values ``.item()`` per tensor gives
-    (each norm is computed in its tensor's dtype, then widened exactly)."""
-    return torch.stack([torch.linalg.vector_norm(t.detach()).double() for t in tensors]).tolist()
+def _norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of each tensor, widened to float64: the values ``.item()`` per tensor gives (each norm is
+    computed in its tensor's dtype, then widened exactly); one foreach call, nothing read to the host."""
+    return torch.stack([n.double() for n in torch._foreach_norm([t.detach() for t in tensors])])
 
 
 def normalised_multipliers(rgn: Sequence[float]) -> list[float]:
