@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..protocol.select import candidates_for
 from ..runs import config_hash
 
 __all__ = ["Run", "enumerate_runs", "shard_runs", "runs_for", "SELECTED_IN_REPORT"]
@@ -42,10 +43,10 @@ def enumerate_runs(
 
 def runs_for(methods: list[str], blocks: list[str]) -> list[str]:
     """The methods to run for ``methods`` (canonical names): ``auto_select`` stands for its candidates, every
-    block alone and ``all`` (``benchmarks.protocol.default_candidates``), each run once."""
+    block alone and ``all`` (``benchmarks.protocol.select.candidates_for``), each run once."""
     out: list[str] = []
     for m in methods:
-        out.extend([f"block:{b}" for b in blocks] + ["all"] if m in SELECTED_IN_REPORT else [m])
+        out.extend(candidates_for(blocks) if m in SELECTED_IN_REPORT else [m])
     return list(dict.fromkeys(out))
 
 

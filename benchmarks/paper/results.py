@@ -27,7 +27,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable
 
-from ..protocol.select import select_from_results
+from ..protocol.select import candidates_for, select_from_results
 from ..runs import Cell, read_results, select
 
 __all__ = [
@@ -107,8 +107,10 @@ def _add_auto_select(per: dict[tuple[str, str], dict[str, Any]]) -> None:
             by_seed[(name, pick["seed"])][method] = pick
     for (name, seed), picks in sorted(by_seed.items(), key=lambda kv: kv[0]):
         order = next((p["block_order"] for p in picks.values() if p.get("block_order")), None)
-        candidates = [f"block:{b}" for b in order or []] + ["all"]
-        if order is None or any(c not in picks for c in candidates):
+        if order is None:
+            continue
+        candidates = candidates_for(order)
+        if any(c not in picks for c in candidates):
             continue
         chosen, pick = select_from_results({c: picks[c] for c in candidates})
         entry = per[(name, "auto_select")]

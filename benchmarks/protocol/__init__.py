@@ -83,7 +83,7 @@ from .methods import (
     register_method,
 )
 from .paper_rgn import AutoRGNPaper
-from .select import default_candidates, select_from_results, select_method
+from .select import candidates_for, default_candidates, select_from_results, select_method
 from .stages import PrefixCache, split_stages
 
 __all__ = [
@@ -110,6 +110,7 @@ __all__ = [
     "finetune",
     "select_method",
     "select_from_results",
+    "candidates_for",
     "default_candidates",
     "evaluate",
     "split_stages",

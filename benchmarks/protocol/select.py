@@ -25,12 +25,18 @@ from .loop import finetune
 from .methods import method_names
 from .stages import PrefixCache
 
-__all__ = ["select_method", "select_from_results", "default_candidates", "configured_candidates"]
+__all__ = ["select_method", "select_from_results", "candidates_for", "default_candidates", "configured_candidates"]
+
+
+def candidates_for(blocks: Sequence[str]) -> list[str]:
+    """``auto_select``'s default candidates for a split into ``blocks``: every block alone (``block:<name>``,
+    input side first), then full fine-tuning."""
+    return [f"block:{b}" for b in blocks] + ["all"]
 
 
 def default_candidates(model: nn.Module, config: ProtocolConfig) -> list[str]:
-    """Every block of the split alone (``block:<name>``, input side first), then full fine-tuning."""
-    return [f"block:{b}" for b in block_names(model, config.blocks)] + ["all"]
+    """:func:`candidates_for` the blocks of ``model`` under ``config.blocks``."""
+    return candidates_for(block_names(model, config.blocks))
 
 
 def configured_candidates(config: ProtocolConfig) -> list[str] | None:
