@@ -41,3 +41,15 @@ def test_mean_se_and_the_selection_key():
     # higher accuracy wins; on a tie the lower loss; a non-finite loss loses every tie
     assert selection_key(0.5, 1.0) > selection_key(0.4, 0.1)
     assert selection_key(0.5, 0.9) > selection_key(0.5, 1.0) > selection_key(0.5, float("nan"))
+
+
+def test_one_worker_runs_jobs_here_and_a_failed_job_raises_at_its_result():
+    from benchmarks.runs import worker_pool
+
+    seen = []
+    pool = worker_pool(1, seen.append, ("initialised",))
+    assert seen == ["initialised"]  # the initializer ran here, before any job
+    assert pool.submit(pow, 2, 10).result() == 1024
+    failed = pool.submit(int, "not a number")
+    with pytest.raises(ValueError):
+        failed.result()

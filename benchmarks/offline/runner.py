@@ -13,16 +13,15 @@ import json
 import os
 import time
 from collections import OrderedDict
-from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Executor, wait
 from dataclasses import asdict, dataclass, field, replace
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..protocol import PrefixCache, ProtocolConfig, finetune
-from ..runs import atomic_write_text, config_hash, read_json
+from ..runs import atomic_write_text, config_hash, read_json, worker_pool
 from .pretrain import PretrainConfig, load_or_pretrain, load_source, source_path
 from .shifts import BLOCK_NOISE_BLOCKS, SHIFTS, Shift, calibrate_noise, noise_shifts, perturb_block, target_splits
 from .theory import TwoLayerConfig, run_two_layer
@@ -269,7 +268,7 @@ def run(cfg: OfflineConfig, *, progress: bool = True, log=print) -> dict[str, An
     theory = read_json(theory_path) if theory_path.exists() else None
     paths = {s: str(source_path(cfg.source_config(s), cache_dir)) for s in cfg.seeds}
     schedule = _Schedule(cfg, cache_dir, log)
-    schedule.run(_pool(cfg.workers, paths), theory, theory_path, progress)
+    schedule.run(worker_pool(cfg.workers, _init_worker, (paths,)), theory, theory_path, progress)
     sources, results = schedule.sources, schedule.results
     cfg = _with_noise_scales(cfg, sources)
     wall = time.perf_counter() - started
@@ -377,26 +376,6 @@ class _Schedule:
         new = {pool.submit(_run_task, task, cfg, str(path)): ("run", task) for task, path in todo}
         jobs.update(new)
         return set(new)
-
-
-class _InlineExecutor(Executor):
-    """Runs each job when it is submitted, in this process (``workers <= 1``)."""
-
-    def submit(self, fn, /, *args, **kwargs) -> Future:  # type: ignore[override]
-        future: Future = Future()
-        try:
-            future.set_result(fn(*args, **kwargs))
-        except BaseException as exc:  # re-raised by future.result(), as a pool's job would be
-            future.set_exception(exc)
-        return future
-
-
-def _pool(workers: int, source_paths: dict[int, str]) -> Executor:
-    if workers <= 1:
-        _init_worker(source_paths, threads=1)
-        return _InlineExecutor()
-    return ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_init_worker,
-                               initargs=(source_paths,))
 
 
 def _cached_runs(cfg: OfflineConfig, source_keys: dict[int, str],

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import json
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from multiprocessing import get_context
+from concurrent.futures import as_completed
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..runs import atomic_write_text, config_hash, read_json
+from ..runs import atomic_write_text, config_hash, read_json, worker_pool
 from .pretrain import PretrainConfig, load_source
 from .runner import OfflineConfig
 from .shifts import Shift
@@ -72,12 +71,9 @@ def run_streams(cfg: OfflineConfig, sources: dict[int, dict[str, Any]], *, log=p
             else:
                 jobs.append((src["path"], cfg.source_config(seed), shift, seed, scfg, str(path)))
     log(f"unlabeled streams: {len(done) + len(jobs)} ({len(done)} cached, {len(jobs)} to do)")
-    if jobs and cfg.workers > 1:
-        with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=get_context("spawn")) as pool:
-            for future in as_completed([pool.submit(_run_one_stream, *job) for job in jobs]):
-                done.append(future.result())
-    else:
-        done += [_run_one_stream(*job) for job in jobs]
+    with worker_pool(cfg.workers if jobs else 1) as pool:
+        for future in as_completed([pool.submit(_run_one_stream, *job) for job in jobs]):
+            done.append(future.result())
     order = {(s.name, seed): i for i, (s, seed) in enumerate((s, seed) for s in STREAM_SHIFTS for seed in cfg.seeds)}
     done.sort(key=lambda r: order[(r["shift"], r["seed"])])
     return {"config": scfg.to_dict(), "held_out": [r for d in done for r in d["held_out"]],
